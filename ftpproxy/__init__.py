@@ -1,0 +1,1 @@
+"""virusgw-ftpproxy: see ftpproxy.main."""

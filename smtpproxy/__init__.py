@@ -1,0 +1,1 @@
+"""virusgw-smtpproxy: see smtpproxy.main."""

@@ -37,7 +37,7 @@ deps:
 $(VENV)/.installed: setup.cfg setup.py pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade "setuptools>=64" pip
-	$(VPY) -m pip install -q -e '.[test]'
+	$(VPY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
 	touch $@
 
 venv: deps $(VENV)/.installed

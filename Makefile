@@ -66,7 +66,8 @@ bench: venv
 # the three programs linked into BINDIR, the man pages into MANDIR.
 # /etc is never written: copy etc/virusgw.conf yourself, then run
 # `virusgw setup` (see README.md and virusgw(8)).
-install: deps
+install:
+	$(PYTHON) -c 'import venv, ensurepip' || { echo 'need python3-venv (apt-get install python3-venv)'; exit 1; }
 	test -x $(PREFIX)/bin/python || $(PYTHON) -m venv $(PREFIX)
 	$(PREFIX)/bin/python -m pip install -q --upgrade "setuptools>=64" pip
 	$(PREFIX)/bin/python -m pip install -q .

@@ -41,6 +41,9 @@ $(VENV)/.installed: setup.cfg setup.py pyproject.toml
 	touch $@
 
 venv: deps $(VENV)/.installed
+	@# Byte-compile our packages: every proxy start would otherwise compile
+	@# them again (editable install; PYTHONDONTWRITEBYTECODE may be set).
+	@$(VPY) -m compileall -q scanlib smtpproxy ftpproxy >/dev/null
 
 # As root: create the test account (a system user with its own group plus
 # TEST_GROUP2).  Not root: the privilege tests skip, saying so.

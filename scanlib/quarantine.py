@@ -1,0 +1,562 @@
+"""The quarantine store: `<directory>/<ID>/content` + `<directory>/<ID>/meta.json`.
+
+What it guarantees:
+- IDs are made here (UTC time to the microsecond, then 48 random bits:
+  `20261203-171012-123456-3f9a1c2b7d8e`), so they sort by time.  Every ID
+  that comes from outside (the CLI's arguments) is checked against ID_RE
+  with fullmatch before any path is joined; nothing from the network (file
+  names, addresses, subjects) ever becomes a path: it is only JSON in
+  meta.json.
+- add() writes an entry in a private temp folder (`.tmp-*`) inside the
+  quarantine directory (same filesystem), fsyncs it, and renames it into
+  place: a reader sees a whole entry or none.  A crash leaves only a
+  `.tmp-*` folder that list() ignores and purge() removes.
+- Many proxy processes may add at once: the size check and the rename happen
+  under an flock on `<directory>/.lock`, and `max_total_size` (bytes of
+  content, 0 = unlimited) is kept in the ledger `<directory>/.usage`, which
+  purge() and reindex recompute from the files.  A full store or any write
+  failure raises QuarantineError: the caller then refuses temporarily and
+  delivers nothing.
+- Permissions: directories 0750, files 0640, group set to `group` when
+  given (the administrators' group); nothing is readable by others.
+
+The files are the source of truth.  The list index (scanlib.qindex, SQLite,
+only the CLI uses it) is a cache kept consistent with them and rebuildable.
+What this module does not do: import click, sqlite3 or the scanner; talk to
+the network.  The proxies import it only when something is quarantined.
+"""
+
+import datetime
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+
+ID_RE = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9]{6}-[0-9a-f]{12}")
+ID_LEN = 35
+TMP_PREFIX = ".tmp-"
+DEL_PREFIX = ".del-"
+LOCK_NAME = ".lock"
+USAGE_NAME = ".usage"
+CONTENT = "content"
+META = "meta.json"
+DIR_MODE = 0o750
+FILE_MODE = 0o640
+STATES = ("quarantined", "blocked", "released")
+
+# meta keys the store computes itself; a caller's values for them are ignored
+COMPUTED = ("id", "created", "size", "sha256", "state", "history")
+# meta keys the proxies give (DESIGN.md "Quarantine store"); others are kept too
+KNOWN = ("protocol", "direction", "client", "sender", "recipients", "subject",
+         "message_id", "ftp_user", "ftp_server", "ftp_path", "filename", "viruses",
+         "action", "reason", "rule", "scanner_version", "portion", "content_type")
+LIST_KEYS = ("recipients", "viruses")
+
+_CHUNK = 1 << 16
+
+
+class QuarantineError(Exception):
+    """The store could not take or change an entry (full, disk, permissions)."""
+
+
+class NotFound(QuarantineError):
+    """No entry with that ID."""
+
+
+class BadID(QuarantineError, ValueError):
+    """Not a well-formed quarantine ID (refused before any path is built)."""
+
+
+def check_id(qid):
+    """The ID as str if it is well formed, else BadID.  Never builds a path."""
+    if not isinstance(qid, str) or len(qid) != ID_LEN or not ID_RE.fullmatch(qid):
+        shown = repr(qid)
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        raise BadID("not a quarantine ID: %s" % shown)
+    return qid
+
+
+def new_id(now=None):
+    """A fresh time-sortable ID (UTC)."""
+    t = datetime.datetime.now(datetime.timezone.utc) if now is None else now
+    return "%s-%s" % (t.strftime("%Y%m%d-%H%M%S-%f"), os.urandom(6).hex())
+
+
+def id_time(qid):
+    """The UTC datetime encoded in a (checked) ID."""
+    check_id(qid)
+    return datetime.datetime.strptime(qid[:22], "%Y%m%d-%H%M%S-%f").replace(
+        tzinfo=datetime.timezone.utc)
+
+
+def utc_text(t=None):
+    """ISO 8601 UTC with microseconds and a Z, as stored in meta.json."""
+    t = datetime.datetime.now(datetime.timezone.utc) if t is None else t
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _clean(value):
+    """Make a value from the network JSON-safe: bytes are decoded (invalid
+    bytes shown as \\xNN), containers recursed, anything else str()."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "backslashreplace")
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_clean(v) for v in value]
+    if isinstance(value, dict):
+        return {str(_clean(k)): _clean(v) for k, v in value.items()}
+    return str(value)
+
+
+def initial_state(meta):
+    """'quarantined' for held items (action quarantine), 'blocked' for the
+    keep_blocked copies of what reject/discard/delete/strip/replace blocked.
+    A caller may say so itself with meta['state']."""
+    st = meta.get("state")
+    if st in ("quarantined", "blocked"):
+        return st
+    action = meta.get("action")
+    if action in (None, "", "quarantine"):
+        return "quarantined"
+    return "blocked"
+
+
+class Store:
+    """One quarantine directory.  Safe to use from many processes at once."""
+
+    def __init__(self, directory, max_total_size=0, group=""):
+        self.directory = os.path.abspath(directory)
+        self.max_total_size = int(max_total_size or 0)
+        self.group = group or ""
+        self._gid = None
+
+    @classmethod
+    def from_config(cls, section):
+        """Store from a validated [quarantine] config section."""
+        return cls(section["directory"], section.get("max_total_size", 0),
+                   section.get("group", ""))
+
+    # -- paths (only ever from checked IDs) --------------------------------
+
+    def path(self, qid, name=None):
+        p = os.path.join(self.directory, check_id(qid))
+        return p if name is None else os.path.join(p, name)
+
+    def content_path(self, qid):
+        return self.path(qid, CONTENT)
+
+    # -- permissions ---------------------------------------------------------
+
+    def gid(self):
+        """The administrators' group id, or -1 (leave as is)."""
+        if self._gid is None:
+            self._gid = -1
+            if self.group:
+                if self.group.isdigit():
+                    self._gid = int(self.group)
+                else:
+                    import grp
+                    try:
+                        self._gid = grp.getgrnam(self.group).gr_gid
+                    except KeyError:
+                        raise QuarantineError("quarantine group %r does not exist" % self.group)
+        return self._gid
+
+    def _own(self, path, mode, fd=None):
+        """Set mode, and the administrators' group when one is configured.
+        A process that may not chown (not root, not in the group) is fine
+        when the setgid directory already gave the file that group."""
+        gid = self.gid()
+        if gid >= 0:
+            try:
+                if fd is not None:
+                    os.fchown(fd, -1, gid)
+                else:
+                    os.chown(path, -1, gid)
+            except PermissionError:
+                st = os.fstat(fd) if fd is not None else os.stat(path)
+                if st.st_gid != gid:
+                    raise
+        if fd is not None:
+            os.fchmod(fd, mode)
+        else:
+            os.chmod(path, mode)
+
+    def ensure_directory(self):
+        """Create the quarantine directory (0750, setgid with a group)."""
+        if not os.path.isdir(self.directory):
+            os.makedirs(self.directory, mode=DIR_MODE, exist_ok=True)
+            mode = DIR_MODE | (0o2000 if self.group else 0)
+            self._own(self.directory, mode)
+
+    # -- locking and the size ledger -----------------------------------------
+
+    def _lock(self):
+        fd = os.open(os.path.join(self.directory, LOCK_NAME),
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _unlock(self, fd):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def locked(self):
+        """Context manager: the store's exclusive lock (for CLI changes)."""
+        store = self
+
+        class _Locked:
+            def __enter__(self):
+                self.fd = store._lock()
+                return store
+
+            def __exit__(self, *exc):
+                store._unlock(self.fd)
+                return False
+        return _Locked()
+
+    def _read_usage(self):
+        try:
+            with open(os.path.join(self.directory, USAGE_NAME), "rb") as f:
+                text = f.read(64).strip()
+            if text.isdigit():
+                return int(text)
+        except OSError:
+            pass
+        return None
+
+    def _write_usage(self, total):
+        path = os.path.join(self.directory, USAGE_NAME)
+        tmp = "%s.%d.%s" % (path, os.getpid(), os.urandom(4).hex())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        try:
+            os.write(fd, b"%d\n" % max(0, total))
+            try:
+                self._own(tmp, FILE_MODE, fd)
+            except OSError:
+                pass
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+
+    def measure(self):
+        """Total content bytes of all entries, from the files (slow path)."""
+        total = 0
+        for qid in self.ids():
+            try:
+                total += os.stat(self.content_path(qid)).st_size
+            except OSError:
+                pass
+        return total
+
+    def usage(self, lock=True):
+        """Content bytes in the store, from the ledger (measured when absent)."""
+        fd = self._lock() if lock else None
+        try:
+            total = self._read_usage()
+            if total is None:
+                total = self.measure()
+                try:
+                    self._write_usage(total)
+                except OSError:
+                    pass
+            return total
+        finally:
+            if fd is not None:
+                self._unlock(fd)
+
+    def recount(self):
+        """Recompute the ledger from the files (purge and reindex call this)."""
+        fd = self._lock()
+        try:
+            total = self.measure()
+            self._write_usage(total)
+            return total
+        finally:
+            self._unlock(fd)
+
+    # -- add -------------------------------------------------------------------
+
+    def add(self, source, meta):
+        """Store the bytes of `source` (a binary file object, read from its
+        start, or a path) with `meta`; returns the new ID.  Raises
+        QuarantineError when the store is full or anything fails; then
+        nothing of the entry is visible."""
+        try:
+            return self._add(source, dict(meta or {}))
+        except QuarantineError:
+            raise
+        except (OSError, ValueError, TypeError) as e:
+            raise QuarantineError("quarantine write failed: %s" % e) from e
+
+    def _add(self, source, meta):
+        self.ensure_directory()
+        tmp = None
+        try:
+            tmp = _mkdtemp(self.directory, TMP_PREFIX)
+            size, digest = self._write_content(source, os.path.join(tmp, CONTENT))
+            record = {k: _clean(v) for k, v in meta.items() if k not in COMPUTED}
+            for k in LIST_KEYS:
+                if k in record and not isinstance(record[k], list):
+                    record[k] = [] if record[k] in (None, "") else [record[k]]
+            fd = self._lock()
+            try:
+                if self.max_total_size:
+                    used = self.usage(lock=False)
+                    if used + size > self.max_total_size:
+                        raise QuarantineError(
+                            "quarantine full: %d + %d bytes > max_total_size %d"
+                            % (used, size, self.max_total_size))
+                else:
+                    used = self._read_usage()
+                qid = new_id()
+                record.update(id=qid, created=utc_text(id_time(qid)), size=size,
+                              sha256=digest, state=initial_state(meta), history=[])
+                _write_file(os.path.join(tmp, META), _dump(record), self)
+                self._own(tmp, DIR_MODE)
+                _fsync_dir(tmp)
+                _publish(tmp, self.path(qid))
+                tmp = None
+                _fsync_dir(self.directory)
+                if used is not None:
+                    try:
+                        self._write_usage(used + size)
+                    except OSError:
+                        pass
+            finally:
+                self._unlock(fd)
+            return qid
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _write_content(self, source, path):
+        h = hashlib.sha256()
+        size = 0
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        with os.fdopen(fd, "wb") as out:
+            self._own(path, FILE_MODE, out.fileno())
+            if isinstance(source, (str, bytes, os.PathLike)):
+                src, close = open(source, "rb"), True
+            elif hasattr(source, "read") and hasattr(source, "seek"):
+                src, close = source, False
+                if _writable(src):
+                    src.flush()
+                src.seek(0)
+            else:
+                raise TypeError("quarantine source must be a binary file or a path, not %s"
+                                % type(source).__name__)
+            try:
+                while True:
+                    block = src.read(_CHUNK)
+                    if not block:
+                        break
+                    if isinstance(block, str):
+                        raise TypeError("quarantine content must be bytes")
+                    h.update(block)
+                    out.write(block)
+                    size += len(block)
+            finally:
+                if close:
+                    src.close()
+            out.flush()
+            os.fsync(out.fileno())
+        return size, h.hexdigest()
+
+    # -- reading -----------------------------------------------------------------
+
+    def ids(self):
+        """IDs of the complete entries, newest first (temp folders ignored)."""
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return []
+        return sorted((n for n in names if len(n) == ID_LEN and ID_RE.fullmatch(n)),
+                      reverse=True)
+
+    def exists(self, qid):
+        return os.path.isdir(self.path(qid))
+
+    def get(self, qid):
+        """The meta.json record of one entry; NotFound if absent."""
+        path = self.path(qid, META)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise NotFound("no quarantine entry %s" % qid)
+        except OSError as e:
+            raise QuarantineError("cannot read %s: %s" % (path, e.strerror or e))
+        try:
+            meta = json.loads(data.decode("utf-8"))
+        except ValueError as e:
+            raise QuarantineError("damaged %s: %s" % (path, e))
+        if not isinstance(meta, dict):
+            raise QuarantineError("damaged %s: not an object" % path)
+        return meta
+
+    def open_content(self, qid):
+        try:
+            return open(self.content_path(qid), "rb")
+        except FileNotFoundError:
+            if not self.exists(qid):
+                raise NotFound("no quarantine entry %s" % qid)
+            raise QuarantineError("entry %s has no content" % qid)
+        except OSError as e:
+            raise QuarantineError("cannot read entry %s: %s" % (qid, e.strerror or e))
+
+    # -- changes (the CLI) ----------------------------------------------------------
+
+    def update(self, qid, change):
+        """Rewrite meta.json atomically under the lock: change(meta) edits
+        the dict in place (or returns a new one).  Returns the new record."""
+        check_id(qid)
+        fd = self._lock()
+        try:
+            meta = self.get(qid)
+            new = change(meta)
+            if new is None:
+                new = meta
+            new["id"] = qid
+            entry = self.path(qid)
+            tmp = os.path.join(entry, ".meta.%s.tmp" % os.urandom(4).hex())
+            try:
+                _write_file(tmp, _dump(new), self)
+                os.replace(tmp, os.path.join(entry, META))
+            except OSError as e:
+                _unlink(tmp)
+                raise QuarantineError("cannot update %s: %s" % (qid, e.strerror or e))
+            _fsync_dir(entry)
+            return new
+        finally:
+            self._unlock(fd)
+
+    def delete(self, qid):
+        """Remove one entry: renamed out of sight first, then removed."""
+        check_id(qid)
+        fd = self._lock()
+        try:
+            entry = self.path(qid)
+            size = 0
+            try:
+                size = os.stat(os.path.join(entry, CONTENT)).st_size
+            except OSError:
+                pass
+            gone = os.path.join(self.directory, DEL_PREFIX + qid)
+            try:
+                os.rename(entry, gone)
+            except FileNotFoundError:
+                raise NotFound("no quarantine entry %s" % qid)
+            except OSError as e:
+                raise QuarantineError("cannot delete %s: %s" % (qid, e.strerror or e))
+            used = self._read_usage()
+            if used is not None:
+                try:
+                    self._write_usage(used - size)
+                except OSError:
+                    pass
+        finally:
+            self._unlock(fd)
+        shutil.rmtree(gone, ignore_errors=True)
+        return size
+
+    def leftovers(self, older_than=3600, now=None):
+        """Temp and half-deleted folders older than `older_than` seconds
+        (what a crashed writer or deleter left)."""
+        now = time.time() if now is None else now
+        out = []
+        try:
+            with os.scandir(self.directory) as it:
+                for e in it:
+                    if e.name.startswith((TMP_PREFIX, DEL_PREFIX)):
+                        try:
+                            if now - e.stat(follow_symlinks=False).st_mtime >= older_than:
+                                out.append(e.path)
+                        except OSError:
+                            pass
+        except FileNotFoundError:
+            pass
+        return out
+
+    def remove_leftovers(self, older_than=3600, now=None):
+        paths = self.leftovers(older_than, now)
+        for p in paths:
+            shutil.rmtree(p, ignore_errors=True)
+        return paths
+
+
+# -- helpers ---------------------------------------------------------------------
+
+def _dump(record):
+    return (json.dumps(record, ensure_ascii=True, sort_keys=True, indent=1) + "\n").encode("ascii")
+
+
+def _writable(f):
+    try:
+        return f.writable()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _write_file(path, data, store):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+    try:
+        store._own(path, FILE_MODE, fd)
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _mkdtemp(directory, prefix):
+    for _ in range(100):
+        path = os.path.join(directory, prefix + os.urandom(8).hex())
+        try:
+            os.mkdir(path, 0o700)
+            return path
+        except FileExistsError:
+            continue
+    raise QuarantineError("cannot make a temp folder in %s" % directory)
+
+
+def _publish(tmp, final):
+    """Rename the finished temp folder into place.  rename(2) would replace
+    an existing *empty* directory, so refuse if anything is there."""
+    if os.path.lexists(final):
+        raise OSError(errno.EEXIST, "entry exists", final)
+    os.rename(tmp, final)
+
+
+def _fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

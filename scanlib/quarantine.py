@@ -170,8 +170,10 @@ class Store:
 
     def _own(self, path, mode, fd=None):
         """Set mode, and the administrators' group when one is configured.
-        A process that may not chown (not root, not in the group) is fine
-        when the setgid directory already gave the file that group."""
+        A process that may not chown (not root, not in the group) leaves
+        the group as it is: a setgid quarantine directory has already given
+        it, and otherwise the entry stays private to the proxy's user (safe,
+        only less convenient; refusing mail for it would be worse)."""
         gid = self.gid()
         if gid >= 0:
             try:
@@ -180,9 +182,7 @@ class Store:
                 else:
                     os.chown(path, -1, gid)
             except PermissionError:
-                st = os.fstat(fd) if fd is not None else os.stat(path)
-                if st.st_gid != gid:
-                    raise
+                pass
         if fd is not None:
             os.fchmod(fd, mode)
         else:
@@ -560,3 +560,231 @@ def _unlink(path):
         os.unlink(path)
     except OSError:
         pass
+
+
+# -- the list index (CLI only) ------------------------------------------------------
+
+INDEX_NAME = ".index.sqlite"
+INDEX_VERSION = "1"
+# what a list row holds: the record without its history (the history's last
+# event is summarised as released_at / released_to)
+_ROW_DROP = ("history",)
+
+
+def summary(meta):
+    """The list row of one meta.json record."""
+    row = {k: v for k, v in meta.items() if k not in _ROW_DROP}
+    for ev in reversed(meta.get("history") or []):
+        if isinstance(ev, dict) and ev.get("event") == "release" and ev.get("released"):
+            row["released_at"] = ev.get("when")
+            row["released_to"] = ev.get("to")
+            break
+    return row
+
+
+class Index:
+    """A SQLite cache of the list rows, `<directory>/.index.sqlite`.
+
+    The files stay the source of truth: every rows() call first compares the
+    index's IDs with the directory's (one listdir), reads meta.json only for
+    entries the index lacks and drops rows whose entry is gone.  Changes the
+    CLI makes (release, delete, purge) go to meta.json first and then here;
+    when the index cannot be written after such a change it is removed, so
+    the next list rebuilds it.  rebuild() re-reads every meta.json.  A user
+    who may read the store but not write it (the administrators' group) gets
+    the same answers from a read-only index plus what it reads itself."""
+
+    def __init__(self, store):
+        self.store = store
+        self.path = os.path.join(store.directory, INDEX_NAME)
+        self.db = None
+        self.writable = False
+
+    def open(self, _retry=True):
+        import sqlite3
+        if self.db is not None:
+            return self.db
+        db = None
+        try:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._schema(db)
+        except sqlite3.DatabaseError as e:
+            if db is not None:
+                db.close()
+            text = str(e).lower()
+            if _retry and "readonly" not in text and "unable to open" not in text \
+                    and "locked" not in text and self._remove():
+                return self.open(_retry=False)       # damaged: it is only a cache
+            self.db = self._open_readonly()
+            return self.db
+        self.writable = True
+        try:
+            self.store._own(self.path, FILE_MODE)
+        except (OSError, QuarantineError):
+            pass
+        self.db = db
+        return db
+
+    def _open_readonly(self):
+        import sqlite3
+        from urllib.parse import quote
+        try:
+            db = sqlite3.connect("file:%s?mode=ro" % quote(self.path), uri=True, timeout=30,
+                                 isolation_level=None)
+            db.execute("SELECT id FROM entries LIMIT 1").fetchall()
+            return db
+        except sqlite3.DatabaseError:
+            db = sqlite3.connect(":memory:", isolation_level=None)
+            self._schema(db)
+            return db
+
+    def _schema(self, db):
+        db.execute("CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT)")
+        got = db.execute("SELECT value FROM info WHERE key='version'").fetchone()
+        if got is None or got[0] != INDEX_VERSION:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("DROP TABLE IF EXISTS entries")
+            db.execute("INSERT OR REPLACE INTO info VALUES ('version', ?)", (INDEX_VERSION,))
+            db.execute("COMMIT")
+        db.execute("CREATE TABLE IF NOT EXISTS entries (id TEXT PRIMARY KEY, created TEXT,"
+                    " state TEXT, protocol TEXT, direction TEXT, size INTEGER, row TEXT)")
+
+    def _remove(self):
+        ok = True
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            try:
+                os.unlink(self.path + suffix)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                ok = False
+        return ok
+
+    def close(self):
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+
+    @staticmethod
+    def _values(row):
+        return (row["id"], row.get("created"), row.get("state"), row.get("protocol"),
+                row.get("direction"), row.get("size"), json.dumps(row, sort_keys=True))
+
+    def sync(self):
+        """Make the index match the directory.  Returns (rows to add in
+        memory, ids to hide, damaged rows) for a read-only index."""
+        db = self.open()
+        on_disk = set(self.store.ids())
+        indexed = {r[0] for r in db.execute("SELECT id FROM entries")}
+        missing = sorted(on_disk - indexed)
+        stale = indexed - on_disk
+        new_rows, damaged = [], []
+        for qid in missing:
+            try:
+                meta = self.store.get(qid)
+            except NotFound:
+                continue
+            except QuarantineError as e:
+                damaged.append({"id": qid, "state": "damaged", "created": utc_text(id_time(qid)),
+                                "error": str(e)})
+                continue
+            meta["id"] = qid
+            new_rows.append(summary(meta))
+        if self.writable and (new_rows or stale):
+            try:
+                self._write(new_rows, stale)
+                new_rows, stale = [], set()
+            except Exception:
+                pass
+        return new_rows, stale, damaged
+
+    def _write(self, rows, gone=()):
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?,?,?)",
+                           [self._values(r) for r in rows])
+            db.executemany("DELETE FROM entries WHERE id=?", [(q,) for q in gone])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def put(self, meta):
+        """After meta.json changed: update its row (or drop the index)."""
+        self._change([summary(meta)], ())
+
+    def forget(self, qids):
+        self._change((), list(qids))
+
+    def _change(self, rows, gone):
+        if not os.path.exists(self.path):
+            return
+        try:
+            self.open()
+            if not self.writable:
+                return
+            self._write(rows, gone)
+        except Exception:
+            # the index may now disagree with the files: drop it, list rebuilds it
+            self.close()
+            self._remove()
+
+    def rebuild(self):
+        """Forget everything and re-read every meta.json."""
+        self.close()
+        self._remove()
+        self.open()
+        if not self.writable:
+            raise QuarantineError("cannot write the index %s" % self.path)
+        return self.sync()
+
+    def rows(self, where=None, since=None, until=None):
+        """List rows, newest first.  `where` holds exact matches on state,
+        protocol, direction; since/until are 'created' texts (UTC ISO)."""
+        new_rows, stale, damaged = self.sync()
+        clauses, args = [], []
+        for col in ("state", "protocol", "direction"):
+            v = (where or {}).get(col)
+            if v:
+                clauses.append("%s = ?" % col)
+                args.append(v)
+        if since:
+            clauses.append("created >= ?")
+            args.append(since)
+        if until:
+            clauses.append("created < ?")
+            args.append(until)
+        sql = "SELECT id, row FROM entries"
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        sql += " ORDER BY id DESC"
+        out = [json.loads(r) for q, r in self.db.execute(sql, args) if q not in stale]
+        extra = [r for r in new_rows + damaged if _row_matches(r, where, since, until)]
+        if extra:
+            out = sorted(out + extra, key=lambda r: r["id"], reverse=True)
+        return out
+
+
+def _row_matches(row, where, since, until):
+    for col, v in (where or {}).items():
+        if v and row.get(col) != v:
+            return False
+    created = row.get("created") or ""
+    if since and created < since:
+        return False
+    if until and created >= until:
+        return False
+    return True
+
+
+def scan_rows(store):
+    """The slow way (what the benchmark compares with): read every meta.json."""
+    out = []
+    for qid in store.ids():
+        try:
+            out.append(summary(store.get(qid)))
+        except QuarantineError:
+            pass
+    return out

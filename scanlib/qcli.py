@@ -218,14 +218,14 @@ def list_cmd(config_path, since, until, virus, protocol, direction, sender, reci
                           since_t, until_t)
     finally:
         index.close()
-    out = click.get_text_stream("stdout")
+    out = sys.stdout
     if not as_json:
         out.write(_table_line([t for t, _ in TABLE]) + "\n")
     n = 0
     for row in rows:
         if virus and not _glob(virus, row.get("viruses") or []):
             continue
-        if sender is not None and not _glob(sender, [row.get("sender") or ""]):
+        if sender is not None and ("sender" not in row or not _glob(sender, [row["sender"] or ""])):
             continue
         if recipient and not _glob(recipient, row.get("recipients") or []):
             continue
@@ -269,7 +269,8 @@ def show(config_path, qid, as_json, content, output, force):
     if content:
         if sys.stdout.isatty():
             fail(codes.USAGE, "not writing raw content to a terminal (pipe it, or use --output FILE)")
-        out = click.get_binary_stream("stdout")
+        sys.stdout.flush()
+        out = sys.stdout.buffer
         with ctx.store.open_content(qid) as src:
             while True:
                 block = src.read(1 << 16)

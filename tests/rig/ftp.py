@@ -1,0 +1,141 @@
+"""FTP servers for the tests: pyftpdlib in a subprocess, vsftpd for command:.
+
+PyFtpd(root)   a pyftpdlib server on a free loopback port (IPv4, IPv6 or
+               dual-stack), user 'user'/'secret' with full rights on root
+               and anonymous read-only; started as its own process (not a
+               thread: a 200 MB transfer must not share the test's GIL) and
+               stopped by PID.  .host .port .pid .root
+vsftpd_config(directory) -> (path, anon_root)  a vsftpd.conf for inetd mode
+               (listen=NO), anonymous with a writable incoming/ folder,
+               suitable for `command:/usr/sbin/vsftpd CONF`.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from tests.rig.activate import wait_until
+
+USER, PASSWORD = "user", "secret"
+
+_SERVER = r'''
+import sys, logging
+from pyftpdlib.authorizers import DummyAuthorizer
+from pyftpdlib.handlers import FTPHandler
+from pyftpdlib.servers import FTPServer
+root, host, port, lo, hi = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+logging.basicConfig(level=logging.WARNING)
+a = DummyAuthorizer()
+a.add_user("user", "secret", root, perm="elradfmwMT")
+a.add_anonymous(root)
+class H(FTPHandler):
+    pass
+H.authorizer = a
+H.passive_ports = range(lo, hi + 1)
+H.permit_foreign_addresses = True
+H.banner = "pyftpdlib test server ready"
+H.timeout = 120
+H.ac_in_buffer_size = 1 << 20
+H.ac_out_buffer_size = 1 << 20
+s = FTPServer((host, port), H)
+s.max_cons = 256
+print("READY", s.socket.getsockname()[1], flush=True)
+s.serve_forever()
+'''
+
+
+def _free_range(n=50):
+    """A base for n passive ports (random in a high range; collisions with
+    other tests are tolerated by the servers, which try the next)."""
+    import random
+    base = random.randrange(40000, 60000 - n)
+    return base, base + n - 1
+
+
+class PyFtpd:
+    def __init__(self, root, host="127.0.0.1"):
+        self.root = str(root)
+        self.host = host
+        self.port = None
+        self.proc = None
+
+    def start(self):
+        lo, hi = _free_range()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _SERVER, self.root, self.host, "0", str(lo), str(hi)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+        line = self.proc.stdout.readline().decode()
+        if not line.startswith("READY"):
+            self.stop()
+            raise RuntimeError("pyftpdlib did not start")
+        self.port = int(line.split()[1])
+        return self
+
+    @property
+    def pid(self):
+        return self.proc.pid if self.proc else None
+
+    def stop(self):
+        if self.proc is None:
+            return
+        try:
+            os.kill(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc.stdout.close()
+        self.proc = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+VSFTPD = "/usr/sbin/vsftpd"
+
+
+def vsftpd_config(directory, pasv=(31000, 31049)):
+    """A vsftpd.conf for inetd mode under directory; returns (conf, anon_root).
+    anon_root is root-owned and not writable (vsftpd insists); incoming/ in
+    it belongs to the ftp user and takes anonymous uploads."""
+    import pwd
+    directory = str(directory)
+    anon = os.path.join(directory, "anon")
+    incoming = os.path.join(anon, "incoming")
+    empty = os.path.join(directory, "empty")
+    for d in (anon, incoming, empty):
+        os.makedirs(d, exist_ok=True)
+    os.chmod(directory, 0o755)
+    os.chmod(anon, 0o755)
+    os.chmod(empty, 0o755)
+    try:
+        ftp = pwd.getpwnam("ftp")
+        os.chown(incoming, ftp.pw_uid, ftp.pw_gid)
+    except KeyError:
+        pass
+    os.chmod(incoming, 0o777)
+    conf = os.path.join(directory, "vsftpd.conf")
+    with open(conf, "w") as f:
+        f.write("\n".join([
+            "listen=NO", "listen_ipv6=NO", "anonymous_enable=YES", "local_enable=NO",
+            "write_enable=YES", "anon_upload_enable=YES", "anon_mkdir_write_enable=NO",
+            "anon_other_write_enable=YES", "anon_world_readable_only=NO",
+            "anon_root=%s" % anon, "no_anon_password=YES",
+            "pasv_enable=YES", "pasv_min_port=%d" % pasv[0], "pasv_max_port=%d" % pasv[1],
+            "pasv_address=127.0.0.1", "seccomp_sandbox=NO",
+            "secure_chroot_dir=%s" % empty, "xferlog_enable=NO", "syslog_enable=NO",
+            "vsftpd_log_file=%s" % os.path.join(directory, "vsftpd.log"),
+            "dual_log_enable=NO", "connect_from_port_20=NO", "anon_umask=022",
+            "file_open_mode=0644", ""]))
+    os.chmod(conf, 0o600)
+    return conf, anon

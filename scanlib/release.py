@@ -99,7 +99,7 @@ def _smtp_class():
 def _text(code, msg):
     if isinstance(msg, bytes):
         msg = msg.decode("utf-8", "backslashreplace")
-    return "%d %s" % (code, " / ".join(str(msg).splitlines())).strip()
+    return ("%d %s" % (code, " / ".join(str(msg).splitlines()))).strip()
 
 
 def connect(upstream, client="127.0.0.1", timeout=TIMEOUT):

@@ -12,7 +12,7 @@ What it guarantees:
   place: a reader sees a whole entry or none.  A crash leaves only a
   `.tmp-*` folder that list() ignores and purge() removes.
 - Many proxy processes may add at once: the size check and the rename happen
-  under an flock on `<directory>/.lock`, and `max_total_size` (bytes of
+  under an flock on the quarantine directory, and `max_total_size` (bytes of
   content, 0 = unlimited) is kept in the ledger `<directory>/.usage`, which
   purge() and reindex recompute from the files.  A full store or any write
   failure raises QuarantineError: the caller then refuses temporarily and
@@ -40,7 +40,6 @@ ID_RE = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9]{6}-[0-9a-f]{12}")
 ID_LEN = 35
 TMP_PREFIX = ".tmp-"
 DEL_PREFIX = ".del-"
-LOCK_NAME = ".lock"
 USAGE_NAME = ".usage"
 CONTENT = "content"
 META = "meta.json"
@@ -168,19 +167,32 @@ class Store:
                         raise QuarantineError("quarantine group %r does not exist" % self.group)
         return self._gid
 
+    def _owner(self):
+        """uid for what root creates in the store: the directory's owner
+        (the proxies' user), so that the proxies and the purge timer can
+        still use the ledger and the index after root ran the CLI."""
+        if os.geteuid() != 0:
+            return -1
+        try:
+            return os.stat(self.directory).st_uid
+        except OSError:
+            return -1
+
     def _own(self, path, mode, fd=None):
-        """Set mode, and the administrators' group when one is configured.
-        A process that may not chown (not root, not in the group) leaves
-        the group as it is: a setgid quarantine directory has already given
-        it, and otherwise the entry stays private to the proxy's user (safe,
-        only less convenient; refusing mail for it would be worse)."""
+        """Set mode, the directory owner (when root) and the administrators'
+        group (when configured).  A process that may not chown (not root,
+        not in the group) leaves the group as it is: a setgid quarantine
+        directory has already given it, and otherwise the entry stays
+        private to the proxy's user (safe, only less convenient; refusing
+        mail for it would be worse)."""
         gid = self.gid()
-        if gid >= 0:
+        uid = self._owner()
+        if gid >= 0 or uid >= 0:
             try:
                 if fd is not None:
-                    os.fchown(fd, -1, gid)
+                    os.fchown(fd, uid, gid)
                 else:
-                    os.chown(path, -1, gid)
+                    os.chown(path, uid, gid)
             except PermissionError:
                 pass
         if fd is not None:
@@ -198,8 +210,10 @@ class Store:
     # -- locking and the size ledger -----------------------------------------
 
     def _lock(self):
-        fd = os.open(os.path.join(self.directory, LOCK_NAME),
-                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        """flock on the quarantine directory itself: nothing to create, and
+        every process that may read the store (proxies, root's CLI, the
+        purge timer's user) can take it."""
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except BaseException:

@@ -152,7 +152,7 @@ def test_write_failure_is_a_quarantine_error(tmp_path):
     with pytest.raises(QuarantineError):
         store.add(io.StringIO("text"), {})
     assert os.listdir(store.directory) == [] or all(
-        n in (".lock", ".usage") for n in os.listdir(store.directory))
+        n == ".usage" for n in os.listdir(store.directory))
 
 
 @given(st.one_of(
@@ -277,3 +277,41 @@ def test_crash_before_rename_leaves_no_visible_entry(tmp_path):
     assert store.leftovers(older_than=3600) == []
     assert store.remove_leftovers(older_than=0) == [os.path.join(d, tmps[0])]
     assert not [n for n in os.listdir(d) if n.startswith(".tmp-")]
+
+
+DROPPED_WRITER = textwrap.dedent("""
+    import io, os, sys
+    os.setgroups([]); os.setgid(65534); os.setuid(65534)
+    from scanlib.quarantine import Store
+    print(Store(sys.argv[1], max_total_size=10**6).add(io.BytesIO(b"from the proxy"), {}))
+""")
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as two users")
+def test_root_cli_leaves_the_store_usable_for_the_proxy_user(tmp_path):
+    """What root's CLI creates (ledger, index, rewritten meta) belongs to the
+    directory's owner, so the proxies' user can go on adding afterwards."""
+    import shutil
+    import tempfile
+    base = tempfile.mkdtemp(prefix="virusgw-q-")       # pytest's tmp root is 0700
+    try:
+        os.chmod(base, 0o755)
+        d = os.path.join(base, "q")
+        os.mkdir(d, 0o750)
+        os.chown(d, 65534, 65534)
+        store = Store(d, max_total_size=10 ** 6)
+        qid = store.add(io.BytesIO(b"by root"), {})
+        store.update(qid, lambda m: m.update(state="released"))
+        store.recount()
+        quarantine.Index(store).sync()
+        for name in (".usage", quarantine.INDEX_NAME, qid, os.path.join(qid, "meta.json")):
+            assert os.stat(os.path.join(d, name)).st_uid == 65534, name
+        p = subprocess.run([PY, "-c", DROPPED_WRITER, d], capture_output=True, timeout=60,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert p.returncode == 0, p.stderr
+        new = p.stdout.decode().strip()
+        assert store.open_content(new).read() == b"from the proxy"
+        assert os.stat(store.path(new)).st_uid == 65534
+        assert store.usage() == store.measure() == len(b"by root") + len(b"from the proxy")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -136,7 +136,7 @@ Cmd = namedtuple("Cmd", "kind states arg note")
 
 COMMANDS = {
     # login
-    "USER": Cmd("login", ALL, REQ, "USER name[@host[:port]] (userhost mode)"),
+    "USER": Cmd("login", LOGIN, REQ, "USER name[@host[:port]] (userhost mode)"),
     "PASS": Cmd("relay", frozenset((AUTH,)), OPT, "password, relayed, never logged"),
     "ACCT": Cmd("relay", frozenset((AUTH, READY)), REQ, "account"),
     "QUIT": Cmd("quit", ALL, NO, "end the session"),

@@ -95,6 +95,8 @@ class Structure:
         self.portions = []
         self.malformed = []
         self.entities = 0
+        self.subject = ""           # of the top-level header block, for quarantine metadata
+        self.message_id = ""
 
     @property
     def has_encoded(self):
@@ -306,6 +308,10 @@ class _Parser:
                 ctype, params = parsed
         ent.ctype = ctype
         ent.params = params
+        if ent.parent is None:
+            for key, attr in (("subject", "subject"), ("message-id", "message_id")):
+                if key in seen:
+                    setattr(st, attr, seen[key][0].decode("utf-8", "replace").strip()[:998])
         cte = "7bit"
         if "content-transfer-encoding" in seen:
             cte = seen["content-transfer-encoding"][0].decode("latin-1").strip().lower()

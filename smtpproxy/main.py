@@ -1,0 +1,371 @@
+"""virusgw-smtpproxy: one process per SMTP connection, the client socket on
+fd 0/1 (inetd, systemd .socket Accept=yes, tcpserver).
+
+Order of a connection: load the config (421 if it cannot be used), set up
+logging (fd 2 to /dev/null), drop privileges, find the peer and the
+direction, greet -- all before anything heavy is imported.  The upstream
+is started at the first command that needs it (EHLO/HELO).  MAIL and RCPT
+go upstream in lockstep; DATA is ours: 354, the strict reader into a spool
+file, the MIME splitter, clamd (all portions in parallel), policy, then
+DATA upstream with the (possibly rewritten) content, and the upstream's
+reply, with our finding, back to the client.  All of that after the final
+dot finishes within [smtp] deadline.
+
+The proxy never prints and never writes to stderr; it logs through
+scanlib.log: one summary line per message and one per connection.
+
+What this module does not do: parse SMTP (session.py), read DATA
+(datareader.py), split MIME (mime.py), rewrite (rewrite.py), decide
+(scanlib.policy).
+"""
+
+import os
+import select
+import sys
+import time
+
+from smtpproxy import replies as R
+from smtpproxy import session as S
+
+IDENT = "virusgw-smtpproxy"
+READ = 1 << 16
+KEEPALIVE = 60.0          # NOOP a TCP upstream idle this long during DATA and scans
+EX_OK, EX_CONFIG, EX_TEMPFAIL = 0, 78, 75
+
+
+class ClientGone(Exception):
+    pass
+
+
+class ClientTimeout(Exception):
+    pass
+
+
+class Client:
+    """The client socket on fd 0 (read) and 1 (write): buffered lines,
+    replies queued and written in one write when we are about to wait."""
+
+    def __init__(self, rfd=0, wfd=1):
+        self.rfd, self.wfd = rfd, wfd
+        self.buf = b""
+        self.out = []
+
+    def queue(self, data):
+        self.out.append(data)
+
+    def flush(self):
+        if not self.out:
+            return
+        data = b"".join(self.out)
+        self.out = []
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.wfd, view)
+            except InterruptedError:
+                continue
+            except OSError:
+                raise ClientGone()
+            view = view[n:]
+
+    def fill(self, timeout, tick=None):
+        """Read more into buf; tick() is called every KEEPALIVE seconds of
+        waiting.  ClientTimeout after timeout seconds of silence."""
+        self.flush()
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ClientTimeout()
+            wait = min(left, KEEPALIVE) if tick else left
+            try:
+                ready = select.select([self.rfd], [], [], wait)[0]
+            except InterruptedError:
+                continue
+            if not ready:
+                if tick:
+                    tick()
+                continue
+            try:
+                data = os.read(self.rfd, READ)
+            except InterruptedError:
+                continue
+            except OSError:
+                raise ClientGone()
+            if not data:
+                raise ClientGone()
+            self.buf += data
+            return data
+
+    def line(self, timeout, limit):
+        """The next line (bytes through LF), or None when it was longer
+        than limit (then drained through its LF)."""
+        too_long = False
+        while True:
+            i = self.buf.find(b"\n")
+            if i >= 0:
+                line, self.buf = self.buf[:i + 1], self.buf[i + 1:]
+                return None if too_long or len(line) > limit else line
+            if len(self.buf) > limit:
+                too_long = True
+                self.buf = self.buf[-1:]
+            self.fill(timeout)
+
+
+def _parse_args(argv):
+    conf_path, debug = None, False
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "-c" and i + 1 < len(argv):
+            conf_path = argv[i + 1]
+            i += 2
+            continue
+        if a.startswith("-c") and len(a) > 2:
+            conf_path = a[2:]
+        elif a == "-d":
+            debug = True
+        i += 1
+    return conf_path, debug
+
+
+def _nodelay(fd):
+    import socket
+    try:
+        s = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return
+    try:
+        if s.family in (socket.AF_INET, socket.AF_INET6):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+    finally:
+        s.close()
+
+
+def _hostname(view):
+    if view.get("hostname"):
+        return view["hostname"]
+    import socket
+    return socket.gethostname() or "localhost"
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    conf_path, debug = _parse_args(argv)
+    started = time.monotonic()
+    from scanlib import config as C
+    from scanlib import log as L
+    try:
+        conf = C.load(conf_path)
+    except C.ConfigError as e:
+        L.setup(IDENT, "", debug)
+        L.LOG.error("configuration unusable, answering 421: %s", "; ".join(e.problems))
+        _write_all(1, R.CONFIG_BROKEN.wire("virusgw"))
+        return EX_CONFIG
+    except Exception as e:              # never a traceback to the client
+        L.setup(IDENT, "", debug)
+        L.LOG.error("configuration could not be loaded: %r", e)
+        _write_all(1, R.CONFIG_BROKEN.wire("virusgw"))
+        return EX_CONFIG
+    log = L.setup(IDENT, conf["log"]["file"], debug, conf["log"].get("level", "info"))
+    try:
+        from scanlib import privs
+    except ImportError:
+        privs = None
+    if privs is not None:
+        try:
+            privs.drop(conf.get("user", ""))
+        except privs.PrivilegeError as e:
+            log.error("privilege drop failed, answering 421: %s", e)
+            _write_all(1, R.CONFIG_BROKEN.wire("virusgw"))
+            return EX_CONFIG
+    from scanlib.spool import install_signal_cleanup
+    install_signal_cleanup()
+    _nodelay(0)
+    proxy = Proxy(conf, log, debug)
+    try:
+        return proxy.run()
+    except Exception as e:              # never a traceback to the client
+        log.exception("internal error: %r", e)
+        try:
+            proxy.client.out = []
+            _write_all(1, R.LOCAL_ERROR.wire())
+        except Exception:
+            pass
+        return EX_TEMPFAIL
+    finally:
+        proxy.cleanup()
+        log.info(L.summary(conn="end", client=proxy.peer_text, direction=proxy.direction,
+                           messages=proxy.messages, delivered=proxy.delivered,
+                           blocked=proxy.blocked, reason=proxy.end_reason,
+                           secs="%.3f" % (time.monotonic() - started)))
+
+
+def _write_all(fd, data):
+    try:
+        while data:
+            n = os.write(fd, data)
+            data = data[n:]
+    except OSError:
+        pass
+
+
+class Proxy:
+    def __init__(self, conf, log, debug=False):
+        from scanlib import net
+        self.conf, self.log, self.debug = conf, log, debug
+        self.addr, self.port = net.peer_of_stdin()
+        inside = net.Networks(conf["networks"]["inside"])
+        self.inside = bool(self.addr) and self.addr in inside
+        self.direction = net.smtp_direction(self.addr, inside) if self.addr else net.INBOUND
+        self.view = conf.view("smtp", self.direction)
+        self.peer_text = "%s:%d" % (self.addr, self.port) if self.addr else "unknown"
+        self.hostname = _hostname(self.view)
+        self.client = Client()
+        self.upstream = None
+        self.spool = None
+        self.messages = self.delivered = self.blocked = 0
+        self.end_reason = "quit"
+        v = self.view
+        self.session = S.Session(S.Settings(
+            hostname=self.hostname, inside=self.inside, local_domains=v["local_domains"],
+            max_size=v["max_message_size"], max_recipients=v["max_recipients"],
+            max_errors=v["max_errors"], client_addr=self.addr, client_port=self.port))
+
+    # -- the dialogue ----------------------------------------------------------
+    def run(self):
+        c, sess = self.client, self.session
+        timeout = self.view["timeout"]
+        c.queue(sess.greeting().data)
+        try:
+            while True:
+                line = c.line(timeout, S.MAX_LINE)
+                action = sess.too_long() if line is None else sess.line(line)
+                if not self.execute(action):
+                    break
+        except ClientTimeout:
+            self.end_reason = "timeout"
+            c.queue(R.TIMEOUT.wire(self.hostname))
+        except ClientGone:
+            self.end_reason = "client-gone"
+        try:
+            c.flush()
+        except ClientGone:
+            pass
+        return EX_OK
+
+    def execute(self, action):
+        """Carry out one action; False when the connection ends."""
+        c = self.client
+        while isinstance(action, S.Relay):
+            up = self.ensure_upstream()
+            if up is None:
+                return False
+            from smtpproxy.upstream import UpstreamError
+            try:
+                code, lines = up.command(action.command)
+            except UpstreamError as e:
+                self.log.warning("upstream failed at %s: %s", action.kind, e)
+                c.queue(R.UPSTREAM_LOST.wire(self.hostname))
+                self.end_reason = "upstream-lost"
+                return False
+            action = self.session.upstream(action.kind, code, lines)
+        if isinstance(action, S.StartData):
+            return self.data()
+        c.queue(action.data)
+        if action.close:
+            if action.data.startswith(b"221"):
+                self.end_reason = "quit"
+            else:
+                self.end_reason = "errors"
+            return False
+        return True
+
+    def ensure_upstream(self):
+        if self.upstream is not None and self.upstream.alive:
+            return self.upstream
+        if self.upstream is not None:           # it died earlier: nothing more to do
+            self.client.queue(R.UPSTREAM_LOST.wire(self.hostname))
+            self.end_reason = "upstream-lost"
+            return None
+        from smtpproxy.upstream import Upstream, UpstreamError
+        self.upstream = Upstream(self.view["upstream"], self.addr, self.port,
+                                 timeout=self.view["timeout"])
+        try:
+            self.upstream.start()
+        except UpstreamError as e:
+            self.log.warning("upstream unavailable: %s", e)
+            self.client.queue(R.UNAVAILABLE.wire(self.hostname))
+            self.end_reason = "upstream-unavailable"
+            return None
+        return self.upstream
+
+    def keepalive(self):
+        if self.upstream is not None:
+            from smtpproxy.upstream import UpstreamError
+            try:
+                self.upstream.keepalive(KEEPALIVE)
+            except UpstreamError as e:
+                self.log.warning("upstream lost during keep-alive: %s", e)
+
+    # -- DATA --------------------------------------------------------------------
+    def data(self):
+        from scanlib.spool import Spool
+        from smtpproxy.datareader import DataReader
+        c, sess = self.client, self.session
+        if self.spool is None:
+            self.spool = Spool(self.conf["spool"]["directory"])
+        try:
+            body = self.spool.create(prefix="vgw-msg-")
+        except OSError as e:
+            self.log.error("cannot create a spool file in %s: %s",
+                           self.conf["spool"]["directory"], e)
+            c.queue(R.LOCAL_ERROR.wire())
+            return self.abort_transaction()
+        c.queue(R.START_DATA.wire())
+        reader = DataReader(body, max_size=sess.size_limit,
+                            max_line=self.view.get("max_line_length", 1000))
+        pending, c.buf = c.buf, b""
+        done = reader.feed(pending) if pending else False
+        while not done:
+            data = c.fill(self.view["timeout"], tick=self.keepalive)
+            c.buf = b""
+            done = reader.feed(data)
+        c.buf = reader.rest
+        self.messages += 1
+        try:
+            reply, outcome = self.message(body, reader)
+        finally:
+            self.spool.cleanup()
+        c.queue(reply)
+        if outcome == "delivered":
+            self.delivered += 1
+        elif outcome != "lost":
+            self.blocked += 1
+        sess.end_transaction()
+        return outcome != "lost"
+
+    def abort_transaction(self):
+        """Reset the upstream's open transaction after a local refusal."""
+        self.session.end_transaction()
+        if self.upstream is not None and self.upstream.alive:
+            from smtpproxy.upstream import UpstreamError
+            try:
+                self.upstream.command(b"RSET\r\n")
+            except UpstreamError as e:
+                self.log.warning("upstream RSET failed: %s", e)
+        return True
+
+    def message(self, body, reader):
+        """Scan, decide, deliver: (reply bytes, outcome)."""
+        from smtpproxy.message import Message
+        m = Message(self, body, reader)
+        return m.process()
+
+    def cleanup(self):
+        if self.upstream is not None:
+            self.upstream.quit()
+        if self.spool is not None:
+            self.spool.cleanup()

@@ -59,8 +59,11 @@ test: venv testuser
 	VIRUSGW_TEST_USER=$(TEST_USER) VIRUSGW_TEST_GROUP2=$(TEST_GROUP2) \
 	  $(VPY) -m pytest -q $(PYTEST_ARGS) tests
 
+# make demo [KEEP=1] [CLAMD=unix:/run/clamav/clamd.ctl | CONF=/etc/virusgw.conf]:
+# CLAMD or CONF use that clamd (real signatures) when it answers, instead of
+# a private one with the test signatures.
 demo: venv
-	$(VPY) tests/demo.py $(if $(KEEP),--keep,)
+	$(VPY) tests/demo.py $(if $(KEEP),--keep,) $(if $(CLAMD),--clamd $(CLAMD),) $(if $(CONF),--config $(CONF),)
 
 bench: venv
 	$(VPY) tests/bench/run.py

@@ -257,3 +257,178 @@ def test_setup_warns_when_a_parent_is_closed(open_dir):
     assert r.exit_code == 0
     assert "warning: user %s cannot reach %s/closed/spool: %s/closed is closed to it" % (
         TEST_USER, open_dir, open_dir) in r.output
+
+
+# -- end to end: the real proxies, started as root, drop to the test user --------
+
+def _readable_by_test_user(paths):
+    """Can the dropped user reach the code it imports after the drop?"""
+    def child():
+        privs.drop(TEST_USER)
+        return [p for p in paths if not os.access(p, os.R_OK)]
+    return in_child(child)
+
+
+@pytest.fixture
+def dropped_env(open_dir, clamd):
+    """A config with user = TEST_USER in a folder that user can read, its
+    directories made by `virusgw setup`; clamd over TCP (the fixture's unix
+    socket lives under pytest's 0700 temp root)."""
+    pw, g2 = _test_account()
+    from tests.rig.activate import REPO
+    import smtpproxy
+    import ftpproxy
+    import scanlib
+    code = [os.path.join(REPO, ".venv", "bin", "python"),
+            os.path.dirname(scanlib.__file__), os.path.dirname(smtpproxy.__file__),
+            os.path.dirname(ftpproxy.__file__)]
+    blocked = _readable_by_test_user(code)
+    if blocked:
+        pytest.skip("the checkout is not readable by %s (%s): the dropped proxy could not "
+                    "import its modules" % (TEST_USER, ", ".join(blocked)))
+    env = {"VIRUSGW_CACHE_DIR": os.path.join(open_dir, "cache")}
+
+    def make(text):
+        conf = os.path.join(open_dir, "virusgw.conf")
+        with open(conf, "w") as f:
+            f.write("user = %s\n" % TEST_USER)
+            f.write("[log]\nfile = %s/log/virusgw.log\nlevel = debug\n" % open_dir)
+            f.write("[spool]\ndirectory = %s/spool\n" % open_dir)
+            f.write("[quarantine]\ndirectory = %s/quarantine\ngroup = %s\n"
+                    % (open_dir, TEST_GROUP2))
+            f.write("[scanner]\nclamd = %s\nmethod = stream\ntimeout = 20\n" % clamd.tcp_endpoint)
+            f.write(text)
+        r = _setup(["-c", conf], env=env)
+        assert r.exit_code == 0, r.output
+        return conf
+    make.env = env
+    make.dir = open_dir
+    make.uid, make.gid, make.g2 = pw.pw_uid, pw.pw_gid, g2
+    return make
+
+
+def _assert_dropped(pid, env):
+    from tests.rig import procs
+    st = procs.status(pid)
+    assert st["Uid"] == [env.uid] * 4
+    assert st["Gid"] == [env.gid] * 4
+    assert sorted(st["Groups"]) == sorted({env.gid, env.g2})
+    assert st["CapEff"] == 0 and st["CapPrm"] == 0
+
+
+def _quarantine_entries(directory):
+    return sorted(n for n in os.listdir(directory) if not n.startswith("."))
+
+
+def test_smtp_proxy_started_as_root_drops_and_works(dropped_env):
+    import base64
+    import smtplib
+    import socket
+    from aiosmtpd.controller import Controller
+    from tests.rig import procs
+    from tests.rig.activate import activated, free_port, proxy_argv, wait_until
+    from tests.rig.clamd import EICAR
+
+    got = []
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):
+            got.append(envelope.original_content)
+            return "250 2.0.0 stored"
+
+    sink = Controller(Handler(), hostname="127.0.0.1", port=free_port())
+    sink.start()
+    try:
+        conf = dropped_env("[smtp]\nupstream = smtp:127.0.0.1:%d\naction = quarantine\n"
+                           "local_domains = example.com\n" % sink.port)
+        with activated(proxy_argv("virusgw-smtpproxy", conf), env=dropped_env.env) as hp:
+            # While a session is open: the proxy process is the test user.
+            s = socket.create_connection(hp, timeout=20)
+            assert s.recv(512).startswith(b"220 ")
+            pids = wait_until(lambda: procs.server_pids(s), timeout=10, what="proxy pid")
+            assert len(pids) == 1
+            _assert_dropped(pids[0], dropped_env)
+            s.sendall(b"QUIT\r\n")
+            assert s.recv(512).startswith(b"221 ")
+            s.close()
+            # And it does its whole job as that user: spool, clamd, quarantine, log.
+            with smtplib.SMTP(hp[0], hp[1], timeout=30) as c:
+                c.sendmail("a@example.org", ["b@example.com"],
+                           b"Subject: clean\r\n\r\nhello\r\n")
+                msg = (b"Subject: infected\r\nMIME-Version: 1.0\r\n"
+                       b"Content-Type: multipart/mixed; boundary=XX\r\n\r\n"
+                       b"--XX\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
+                       b"--XX\r\nContent-Type: application/octet-stream\r\n"
+                       b"Content-Transfer-Encoding: base64\r\n\r\n"
+                       + base64.encodebytes(EICAR).replace(b"\n", b"\r\n")
+                       + b"--XX--\r\n")
+                c.sendmail("a@example.org", ["b@example.com"], msg)
+    finally:
+        sink.stop()
+    assert len(got) == 2 and b"hello" in got[0] and EICAR not in got[1]
+    qdir = os.path.join(dropped_env.dir, "quarantine")
+    entries = _quarantine_entries(qdir)
+    assert len(entries) == 1
+    st = os.stat(os.path.join(qdir, entries[0], "content"))
+    assert (st.st_uid, st.st_gid) == (dropped_env.uid, dropped_env.g2)
+    assert os.listdir(os.path.join(dropped_env.dir, "spool")) == []
+    log = os.path.join(dropped_env.dir, "log", "virusgw.log")
+    assert os.stat(log).st_uid == dropped_env.uid
+    with open(log) as f:
+        assert "action=quarantine" in f.read()
+
+
+def test_ftp_proxy_started_as_root_drops_and_works(dropped_env, open_dir):
+    import ftplib
+    import io
+    import random
+    from tests.rig import procs
+    from tests.rig.activate import activated, proxy_argv, wait_until
+    from tests.rig.clamd import EICAR
+    from tests.rig.ftp import PyFtpd
+
+    root = os.path.join(open_dir, "ftproot")
+    os.mkdir(root)
+    with PyFtpd(root) as ftpd:
+        base = random.randrange(35000, 37800)
+        conf = dropped_env("[ftp]\nupstream = tcp:127.0.0.1:%d\naction = quarantine\n"
+                           "passive_ports = %d-%d\ntimeout = 30\ndata_timeout = 10\n"
+                           % (ftpd.port, base, base + 99))
+        with activated(proxy_argv("virusgw-ftpproxy", conf), env=dropped_env.env) as hp:
+            f = ftplib.FTP()
+            f.connect(hp[0], hp[1], timeout=20)
+            pids = wait_until(lambda: procs.server_pids(f.sock), timeout=10, what="proxy pid")
+            assert len(pids) == 1
+            _assert_dropped(pids[0], dropped_env)
+            f.login("user", "secret")
+            f.storbinary("STOR clean.txt", io.BytesIO(b"clean\n"))
+            with pytest.raises(ftplib.error_perm) as e:
+                f.storbinary("STOR eicar.com", io.BytesIO(EICAR))
+            assert str(e.value).startswith("55")
+            f.quit()
+    assert sorted(os.listdir(root)) == ["clean.txt"]
+    entries = _quarantine_entries(os.path.join(dropped_env.dir, "quarantine"))
+    assert len(entries) == 1
+    st = os.stat(os.path.join(dropped_env.dir, "quarantine", entries[0], "content"))
+    assert st.st_uid == dropped_env.uid
+
+
+@pytest.mark.parametrize("program", ["virusgw-smtpproxy", "virusgw-ftpproxy"])
+def test_failed_drop_answers_421_and_nothing_else(dropped_env, program):
+    import socket
+    from tests.rig.activate import activated, proxy_argv
+    conf = dropped_env("")
+    with open(conf) as f:
+        text = f.read()
+    with open(conf, "w") as f:
+        f.write(text.replace("user = %s\n" % TEST_USER, "user = no-such-user-virusgw\n"))
+    with activated(proxy_argv(program, conf), env=dropped_env.env) as hp:
+        s = socket.create_connection(hp, timeout=20)
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        s.close()
+    assert data.startswith(b"421") and data.count(b"\r\n") == 1, data

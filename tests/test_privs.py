@@ -231,8 +231,7 @@ def test_setup_refuses_a_symlink(open_dir):
     conf = _conf(open_dir, log=False)
     os.mkdir(open_dir + "/elsewhere", 0o755)
     os.symlink(open_dir + "/elsewhere", open_dir + "/spool")
-    r = CliRunner().invoke(__import__("scanlib.cli", fromlist=["main"]).main,
-                           ["setup", "-c", conf], env={"VIRUSGW_CACHE_DIR": ""})
+    r = _setup(["-c", conf], env={"VIRUSGW_CACHE_DIR": ""})
     assert r.exit_code == 1
     assert "spool %s/spool is a symlink: refusing to follow it" % open_dir in r.output
     assert _mode_owner(open_dir + "/elsewhere") == (0o755, "root", "root")
@@ -242,8 +241,7 @@ def test_setup_refuses_a_symlink(open_dir):
 
 def test_setup_unknown_user_is_a_config_error(open_dir):
     conf = _conf(open_dir, user="no-such-user-virusgw", log=False)
-    r = CliRunner().invoke(__import__("scanlib.cli", fromlist=["main"]).main,
-                           ["setup", "-c", conf], env={"VIRUSGW_CACHE_DIR": ""})
+    r = _setup(["-c", conf], env={"VIRUSGW_CACHE_DIR": ""})
     assert r.exit_code == 78
     assert "user 'no-such-user-virusgw' does not exist" in r.output
     assert sorted(os.listdir(open_dir)) == ["virusgw.conf"]

@@ -84,7 +84,8 @@ def parse_path(text, utf8=False, allow_null=False):
         raise BadAddress("local part too long")
     if len(domain.encode("utf-8", "surrogateescape")) > MAX_DOMAIN:
         raise BadAddress("domain too long")
-    return Path(local, domain, quoted=local.startswith('"'), routed=bool(m.group("route")))
+    return Path(local, domain.rstrip("."), quoted=local.startswith('"'),
+                routed=bool(m.group("route")))
 
 
 def split_command_arg(arg, keyword):

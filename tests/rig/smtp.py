@@ -46,6 +46,12 @@ class Sink:
         sink = self
 
         class Handler:
+            async def handle_EHLO(self, server, session, envelope, hostname, responses):
+                session.host_name = hostname
+                if sink.xforward:
+                    responses.insert(len(responses) - 1, "250-XFORWARD NAME ADDR PORT PROTO HELO")
+                return responses
+
             async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
                 if address in sink.refuse_rcpt:
                     return "550 5.1.1 no such user"
@@ -60,9 +66,6 @@ class Sink:
                 return "250 2.0.0 OK queued as %d" % len(sink.messages)
 
         class XSMTP(SMTP):
-            async def ehlo_hook(self):   # pragma: no cover - not used by aiosmtpd 1.4
-                pass
-
             @syntax("XFORWARD attr=value ...")
             async def smtp_XFORWARD(self, arg):
                 sink.xforward_seen.append(arg)
@@ -70,31 +73,8 @@ class Sink:
 
         class XController(Controller):
             def factory(self):
-                s = XSMTP(self.handler, decode_data=False, enable_SMTPUTF8=True,
-                          data_size_limit=200 * 1024 * 1024, ident="sink")
-                if sink.xforward:
-                    orig = s.smtp_EHLO
-
-                    async def ehlo(arg, _orig=orig, _s=s):
-                        # push the XFORWARD line before the final 250 line
-                        real_push = _s.push
-                        sent = []
-
-                        async def push(status):
-                            sent.append(status)
-                        _s.push = push
-                        try:
-                            await _orig(arg)
-                        finally:
-                            _s.push = real_push
-                        if sent and sent[-1].startswith("250 "):
-                            last = sent.pop()
-                            sent.append("250-XFORWARD NAME ADDR PORT PROTO HELO")
-                            sent.append(last)
-                        for line in sent:
-                            await real_push(line)
-                    s.smtp_EHLO = ehlo
-                return s
+                return XSMTP(self.handler, decode_data=False, enable_SMTPUTF8=True,
+                             data_size_limit=200 * 1024 * 1024, ident="sink")
 
         self.port = free_port()
         self.controller = XController(Handler(), hostname="127.0.0.1", port=self.port)

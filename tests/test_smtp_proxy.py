@@ -1,0 +1,452 @@
+"""virusgw-smtpproxy end to end: spawned per connection by
+systemd-socket-activate --inetd on a loopback port, the real private clamd,
+an aiosmtpd sink upstream that stores the raw content, real clients
+(smtplib, raw byte streams).  Every SMTP case in tests/cases is here with
+its expected outcome; exim and swaks are in test_smtp_exim.py."""
+
+import contextlib
+import email
+import email.policy
+import json
+import os
+import smtplib
+import socket
+
+import pytest
+
+from tests.rig.activate import activated, proxy_argv, write_config, free_port, wait_until
+from tests.rig.clamd import EICAR, EICAR_NAME
+from tests.rig.smtp import Dialogue, Sink, stuff
+
+CASES = os.path.join(os.path.dirname(__file__), "cases")
+pytestmark = pytest.mark.clamd
+
+
+def case(name):
+    with open(os.path.join(CASES, name), "rb") as f:
+        return f.read()
+
+
+@pytest.fixture
+def sink():
+    with Sink() as s:
+        yield s
+
+
+@contextlib.contextmanager
+def proxy(tmp_path, clamd, upstream, text="", host="127.0.0.1", scanner=None, scanner_text=""):
+    """The proxy on a loopback port; text goes into [smtp] (and may open
+    further sections), scanner_text into [scanner]."""
+    if "timeout" not in scanner_text:
+        scanner_text += "timeout = 20\n"
+    conf = write_config(tmp_path, "[scanner]\nclamd = %s\n%s\n"
+                        "[smtp]\nupstream = %s\nlocal_domains = example.net\n%s"
+                        % (scanner or ", ".join(clamd.endpoints), scanner_text, upstream, text))
+    with activated(proxy_argv("virusgw-smtpproxy", conf), host=host) as hp:
+        yield hp
+
+
+def log_text(tmp_path, until="conn=end"):
+    """The proxy's log once it holds `until` (the per-connection line is
+    written as the process ends, after the client has its 221)."""
+    p = os.path.join(str(tmp_path), "virusgw.log")
+
+    def read():
+        text = open(p).read() if os.path.exists(p) else ""
+        return text if until in text else ""
+    return wait_until(read, timeout=10, what="%r in the log" % until)
+
+
+def send(hp, msg, rcpts=("r@example.net",), sender="s@example.com"):
+    """(error or None, final reply) sending msg through smtplib."""
+    s = smtplib.SMTP(hp[0], hp[1], timeout=30)
+    try:
+        s.ehlo("client.example.com")
+        try:
+            s.sendmail(sender, list(rcpts), msg)
+            return None, s.noop()
+        except smtplib.SMTPDataError as e:
+            return e, None
+    finally:
+        s.quit()
+
+
+def raw_session(hp, stream, source=None):
+    d = Dialogue(hp[0], hp[1], source=source)
+    try:
+        greeting = d.reply()
+        d.send(stream)
+        return greeting, d.replies()
+    finally:
+        d.close()
+
+
+def stored(body):
+    """The content the sink got, without our two prepended header lines."""
+    assert body.startswith(b"X-Virus-Scanned: ")
+    lines = body.split(b"\r\n", 2)
+    assert lines[1].startswith(b"X-Virus-Status: ")
+    return lines[2], lines[1].decode()
+
+
+CLEAN = (b"From: s@example.com\r\nTo: r@example.net\r\nSubject: clean\r\nMessage-ID: <c@x>\r\n\r\n"
+         b"hello\r\n.leading dot\r\n\r\n")
+
+
+# -- basics -------------------------------------------------------------------------
+
+def test_clean_mail_byte_for_byte(tmp_path, clamd, sink):
+    with proxy(tmp_path, clamd, sink.upstream) as hp:
+        err, _ = send(hp, CLEAN)
+        log = log_text(tmp_path)                # before the launcher (and its group) is stopped
+    assert err is None
+    (frm, to, body, _), = sink.messages
+    content, status = stored(body)
+    assert content == CLEAN and status == "X-Virus-Status: Clean"
+    assert frm == "s@example.com" and to == ["r@example.net"]
+    assert "verdict=clean" in log and "action=deliver" in log and "conn=end" in log
+
+
+def test_infected_rejected_with_finding(tmp_path, clamd, sink):
+    with proxy(tmp_path, clamd, sink.upstream) as hp:
+        err, _ = send(hp, b"Subject: v\r\n\r\n" + EICAR + b"\r\n")
+    assert err.smtp_code == 554 and EICAR_NAME.encode() in err.smtp_error
+    assert b"5.7.1" in err.smtp_error
+    assert sink.messages == []
+
+
+def test_final_reply_echoes_finding_and_upstream(tmp_path, clamd, sink):
+    with proxy(tmp_path, clamd, sink.upstream) as hp:
+        d = Dialogue(*hp)
+        d.reply()
+        d.send(b"EHLO c.example\r\nMAIL FROM:<s@example.com>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
+        assert [d.reply()[0] for _ in range(4)] == [250, 250, 250, 354]
+        d.send(stuff(CLEAN))
+        code, lines = d.reply()
+        d.send(b"QUIT\r\n")
+        assert d.reply()[0] == 221
+        d.close()
+    assert code == 250 and "virusgw: Clean" in lines[0] and "queued as 1" in lines[-1]
+
+
+def test_pipelining_every_reply_once_in_order(tmp_path, clamd, sink):
+    with proxy(tmp_path, clamd, sink.upstream, "[networks]\ninside = 127.0.0.1/32\n") as hp:
+        stream = (b"EHLO c.example\r\nMAIL FROM:<s@example.com>\r\nRCPT TO:<a@example.net>\r\n"
+                  b"RCPT TO:<b@example.org>\r\nRCPT TO:<c@example.net>\r\nNOOP\r\nDATA\r\n"
+                  + stuff(CLEAN) + b"RSET\r\nMAIL FROM:<s@example.com>\r\nRCPT TO:<d@example.net>\r\n"
+                  b"DATA\r\n" + stuff(CLEAN) + b"QUIT\r\n")
+        greeting, replies = raw_session(hp, stream, source="127.0.0.2")
+    assert greeting[0] == 220
+    assert [c for c, _ in replies] == [250, 250, 250, 550, 250, 250, 354, 250, 250, 250, 250, 354,
+                                       250, 221]
+    assert [m[1] for m in sink.messages] == [["a@example.net", "c@example.net"], ["d@example.net"]]
+
+
+# -- the cases -----------------------------------------------------------------------
+
+def test_b01_smuggling_one_refusal_nothing_forwarded(tmp_path, clamd, sink):
+    with proxy(tmp_path, clamd, sink.upstream) as hp:
+        greeting, replies = raw_session(hp, case("B01-smtp-smuggling-lf-dot-crlf.smtp"))
+    codes = [c for c, _ in replies]
+    assert codes == [250, 250, 250, 354, 550, 221], replies
+    assert "5.6.11" in replies[4][1][0]
+    assert sink.messages == []
+
+
+def test_b03_dot_stuffing_roundtrip(tmp_path, clamd, sink):
+    raw = case("B03-dot-stuffing-roundtrip.smtp")
+    with proxy(tmp_path, clamd, sink.upstream) as hp:
+        greeting, replies = raw_session(hp, raw)
+    assert [c for c, _ in replies] == [250, 250, 250, 354, 250, 221]
+    body = raw.split(b"DATA\r\n", 1)[1].rsplit(b"\r\n.\r\nQUIT", 1)[0] + b"\r\n"
+    unstuffed = b"\r\n".join(l[1:] if l.startswith(b".") else l for l in body.split(b"\r\n"))
+    content, _ = stored(sink.messages[0][2])
+    assert content == unstuffed
+    assert b"\r\n..\r\n.\r\n.leading dot line\r\n space after dot\r\n...\r\n" in content
+
+
+def test_b06_block_then_next_transaction(tmp_path, clamd, sink):
+    with proxy(tmp_path, clamd, sink.upstream) as hp:
+        greeting, replies = raw_session(hp, case("B06-reject-then-next-transaction.smtp"))
+    assert [c for c, _ in replies] == [250, 250, 250, 354, 554, 250, 250, 354, 250, 221]
+    (frm, to, body, _), = sink.messages
+    assert to == ["rcpt-b@example.net"] and b"clean second message" in body
+
+
+@pytest.mark.parametrize("name,code", [
+    ("B08a-duplicate-cte-base64-first.eml", 554),
+    ("B12-missing-final-boundary.eml", 554),
+    ("B16b-mime-part-count-5000.eml", 554),
+    ("B20a-uuencode-in-text-plain.eml", 554),
+    ("B23-quarantine-path-traversal.eml", 554),
+])
+def test_eml_cases_refused(tmp_path, clamd, sink, name, code):
+    with proxy(tmp_path, clamd, sink.upstream) as hp:
+        err, _ = send(hp, case(name))
+    assert err is not None and err.smtp_code == code, err
+    assert sink.messages == []
+
+
+def test_b08a_is_ambiguous_when_scanner_sees_nothing(tmp_path, clamd, sink):
+    # With the virus action 'pass', only on_malformed stands between B08a and delivery.
+    with proxy(tmp_path, clamd, sink.upstream, "action = pass\n") as hp:
+        err, _ = send(hp, case("B08a-duplicate-cte-base64-first.eml").replace(
+            b"WDVPIVAlQEFQWzRcUFpYNTQoUF4pN0NDKTd9JEVJQ0FSLVNUQU5EQVJELUFOVElWSVJVUy1URVNU\r\n"
+            b"LUZJTEUhJEgrSCo=", b"aGFybWxlc3M="))
+    assert err is not None and err.smtp_code == 554 and b"5.6.0" in err.smtp_error
+    assert b"duplicate content-transfer-encoding" in err.smtp_error
+    assert sink.messages == []
+
+
+def test_b23_quarantine_stays_inside(tmp_path, clamd, sink):
+    probe = "/tmp/vgw-traversal-probe.com"
+    if os.path.exists(probe):
+        os.unlink(probe)
+    with proxy(tmp_path, clamd, sink.upstream, "action = quarantine\n") as hp:
+        err, _ = send(hp, case("B23-quarantine-path-traversal.eml"))
+    assert err is None
+    qdir = os.path.join(str(tmp_path), "quarantine")
+    entries = [e for e in os.listdir(qdir) if not e.startswith(".")]
+    assert len(entries) == 5
+    for e in entries:
+        meta = json.load(open(os.path.join(qdir, e, "meta.json")))
+        assert meta["viruses"] == [EICAR_NAME] and meta["protocol"] == "smtp"
+        assert sorted(os.listdir(os.path.join(qdir, e))) == ["content", "meta.json"]
+        assert open(os.path.join(qdir, e, "content"), "rb").read() == EICAR
+    assert not os.path.exists(probe) and not os.path.exists("/etc/cron.d/probe")
+    content, status = stored(sink.messages[0][2])
+    msg = email.message_from_bytes(content, policy=email.policy.default)
+    parts = list(msg.iter_parts())
+    assert parts[0].get_content() == "Please see the attached file.\r\n" or \
+        parts[0].get_content().startswith("Please see the attached file.")
+    for part, qid in zip(parts[1:], sorted(entries)):
+        text = part.get_content()
+        assert part.get_content_type() == "text/plain" and "quarantine id:" in text
+    for qid in entries:
+        assert qid.encode() in content
+    assert EICAR not in content and b"WDVPIVAlQEFQ" not in content
+
+
+def test_b26_size_limit_strongest_wins(tmp_path, clamd_small, sink):
+    raw = case("B26-instream-size-limit.eml")
+    with proxy(tmp_path, clamd_small, sink.upstream, "action = strip\n") as hp:
+        err, _ = send(hp, raw)
+    # strip takes the EICAR part; the oversized remainder is unscannable: reject (552).
+    assert err is not None and err.smtp_code in (552, 554), err
+    assert sink.messages == []
+    with proxy(tmp_path, clamd_small, sink.upstream) as hp:
+        err, _ = send(hp, raw)
+    assert err is not None and err.smtp_code == 554 and EICAR_NAME.encode() in err.smtp_error
+
+
+# -- actions --------------------------------------------------------------------------
+
+MULTI = (b"From: s@example.com\r\nTo: r@example.net\r\nSubject: actions\r\nMIME-Version: 1.0\r\n"
+         b"Content-Type: multipart/mixed; boundary=\"xx\"\r\n\r\npreamble\r\n"
+         b"--xx\r\nContent-Type: text/plain\r\n\r\nkeep me   exactly\r\n\r\n"
+         b"--xx\r\nContent-Type: application/octet-stream; name=\"e.com\"\r\n"
+         b"Content-Transfer-Encoding: base64\r\n\r\n"
+         + __import__("base64").encodebytes(EICAR).replace(b"\n", b"\r\n")
+         + b"\r\n--xx\r\nContent-Type: application/pdf; name=\"clean.pdf\"\r\n"
+         b"Content-Transfer-Encoding: base64\r\n\r\nJVBERi0xLjQKJeLjz9MK\r\n--xx--\r\nepilogue\r\n")
+
+
+@pytest.mark.parametrize("action", ["strip", "replace", "quarantine"])
+def test_rewriting_actions_keep_clean_parts_identical(tmp_path, clamd, sink, action):
+    with proxy(tmp_path, clamd, sink.upstream, "action = %s\n" % action) as hp:
+        err, _ = send(hp, MULTI)
+    assert err is None
+    content, status = stored(sink.messages[0][2])
+    assert EICAR_NAME in status and {"strip": "removed", "replace": "replaced",
+                                     "quarantine": "quarantined"}[action] in status
+    head, rest = MULTI.split(b"--xx\r\nContent-Type: application/octet-stream", 1)
+    tail = b"\r\n--xx\r\nContent-Type: application/pdf" + rest.split(
+        b"\r\n--xx\r\nContent-Type: application/pdf", 1)[1]
+    assert content.startswith(head) and content.endswith(tail)      # byte-identical
+    msg = email.message_from_bytes(content, policy=email.policy.default)
+    assert not msg.defects
+    parts = list(msg.iter_parts())
+    assert [p.get_content_type() for p in parts] == ["text/plain", "text/plain", "application/pdf"]
+    note = parts[1].get_content()
+    assert EICAR_NAME in note and "1.2" in note and "e.com" in note
+    qdir = os.path.join(str(tmp_path), "quarantine")
+    entries = [e for e in os.listdir(qdir) if not e.startswith(".")]
+    if action == "quarantine":
+        assert len(entries) == 1 and entries[0] in note
+    else:
+        assert entries == [] or action != "quarantine"
+
+
+def test_whole_body_replaced_for_single_part(tmp_path, clamd, sink):
+    msg = b"Subject: plain\r\nContent-Type: text/plain\r\n\r\n" + EICAR + b"\r\n"
+    with proxy(tmp_path, clamd, sink.upstream, "action = replace\n") as hp:
+        err, _ = send(hp, msg)
+    content, status = stored(sink.messages[0][2])
+    assert EICAR not in content and b"Subject: plain\r\n" in content
+    m = email.message_from_bytes(content, policy=email.policy.default)
+    assert m.get_content_type() == "text/plain" and EICAR_NAME in m.get_content()
+
+
+def test_discard_and_pass(tmp_path, clamd, sink):
+    v = b"Subject: v\r\n\r\n" + EICAR + b"\r\n"
+    with proxy(tmp_path, clamd, sink.upstream, "action = discard\n") as hp:
+        err, _ = send(hp, v)
+    assert err is None and sink.messages == []
+    with proxy(tmp_path, clamd, sink.upstream, "action = pass\n") as hp:
+        err, _ = send(hp, v)
+    content, status = stored(sink.messages[0][2])
+    assert content == v and EICAR_NAME in status and "passed" in status
+
+
+def test_direction_overrides(tmp_path, clamd, sink):
+    v = b"Subject: v\r\n\r\n" + EICAR + b"\r\n"
+    text = ("action = reject\n[[outbound]]\naction = pass\n[networks]\ninside = 127.0.0.1/32\n")
+    with proxy(tmp_path, clamd, sink.upstream, text) as hp:
+        assert send(hp, v)[0] is None                           # 127.0.0.1: outbound: pass
+        d = Dialogue(hp[0], hp[1], source="127.0.0.2")          # outside: inbound: reject
+        d.reply()
+        d.send(b"HELO c.example\r\nMAIL FROM:<s@example.com>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
+        assert [d.reply()[0] for _ in range(4)] == [250, 250, 250, 354]
+        d.send(stuff(v))
+        assert d.reply()[0] == 554
+        d.close()
+    assert len(sink.messages) == 1
+
+
+# -- relay control --------------------------------------------------------------------
+
+def test_relay_control_from_outside(tmp_path, clamd, sink):
+    text = "[networks]\ninside = 127.0.0.1/32\n"
+    with proxy(tmp_path, clamd, sink.upstream, text) as hp:
+        stream = (b"EHLO c.example\r\nMAIL FROM:<s@example.com>\r\n"
+                  b"RCPT TO:<r@example.org>\r\nRCPT TO:<r%example.org@example.net>\r\n"
+                  b"RCPT TO:<r!x@example.net>\r\nRCPT TO:<\"r@example.org\"@example.net>\r\n"
+                  b"RCPT TO:<@example.net:r@example.org>\r\nRCPT TO:<@x.example:ok@EXAMPLE.NET.>\r\n"
+                  b"DATA\r\n" + stuff(CLEAN) + b"QUIT\r\n")
+        greeting, replies = raw_session(hp, stream, source="127.0.0.2")
+        # and the same recipients from inside are relayed
+        greeting, inside_replies = raw_session(hp, stream.replace(b"ok@EXAMPLE", b"ok2@EXAMPLE"))
+    assert [c for c, _ in replies] == [250, 250, 550, 550, 550, 550, 550, 250, 354, 250, 221]
+    assert sink.messages[0][1] == ["ok@EXAMPLE.NET"]       # route and trailing dot dropped
+    assert [c for c, _ in inside_replies][:8] == [250, 250, 250, 250, 250, 250, 250, 250]
+
+
+def test_xforward_sent_when_offered(tmp_path, clamd):
+    with Sink(xforward=True) as sink:
+        with proxy(tmp_path, clamd, sink.upstream) as hp:
+            d = Dialogue(hp[0], hp[1], source="127.0.0.3")
+            d.reply()
+            d.send(b"EHLO c.example\r\n")
+            code, lines = d.reply()
+            d.send(b"QUIT\r\n")
+            d.reply()
+            d.close()
+    assert code == 250 and not any("XFORWARD" in l for l in lines)
+    assert len(sink.xforward_seen) == 1
+    assert "ADDR=127.0.0.3" in sink.xforward_seen[0] and "HELO=c.example" in sink.xforward_seen[0]
+
+
+# -- failures --------------------------------------------------------------------------
+
+def test_scanner_down_tempfail_and_reject(tmp_path, clamd, sink):
+    dead = "unix:%s/nonexistent.sock" % tmp_path
+    with proxy(tmp_path, clamd, sink.upstream, scanner=dead) as hp:
+        err, _ = send(hp, CLEAN)
+    assert err.smtp_code == 451 and b"4.7.0" in err.smtp_error
+    with proxy(tmp_path, clamd, sink.upstream, scanner=dead,
+               scanner_text="on_unavailable = reject\n") as hp:
+        err, _ = send(hp, CLEAN)
+    assert err.smtp_code == 554 and b"5.7.0" in err.smtp_error
+    assert sink.messages == []
+
+
+def test_scanner_hung_gives_on_unavailable(tmp_path, clamd, sink):
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(50)                       # accepts (kernel backlog), never answers
+    try:
+        with proxy(tmp_path, clamd, sink.upstream, scanner="tcp:127.0.0.1:%d" % hung.getsockname()[1],
+                   scanner_text="timeout = 1\n") as hp:
+            err, _ = send(hp, CLEAN)
+    finally:
+        hung.close()
+    assert err.smtp_code == 451 and sink.messages == []
+
+
+def test_upstream_unreachable_421_at_ehlo(tmp_path, clamd):
+    port = free_port()
+    with proxy(tmp_path, clamd, "smtp:127.0.0.1:%d" % port) as hp:
+        greeting, replies = raw_session(hp, b"EHLO c.example\r\nQUIT\r\n")
+    assert greeting[0] == 220 and [c for c, _ in replies] == [421]
+    assert "4.3.0" in replies[0][1][0]
+
+
+def test_upstream_refusing_data_is_passed_through(tmp_path, clamd):
+    with Sink(refuse_data=True) as sink:
+        with proxy(tmp_path, clamd, sink.upstream) as hp:
+            err, _ = send(hp, CLEAN)
+    assert err.smtp_code == 554 and b"refused by sink" in err.smtp_error
+
+
+def test_upstream_dying_mid_session(tmp_path, clamd):
+    sink = Sink().start()
+    try:
+        with proxy(tmp_path, clamd, sink.upstream) as hp:
+            d = Dialogue(*hp)
+            d.reply()
+            d.send(b"EHLO c.example\r\nMAIL FROM:<s@example.com>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
+            assert [d.reply()[0] for _ in range(4)] == [250, 250, 250, 354]
+            sink.stop()
+            d.send(stuff(CLEAN))
+            code, lines = d.reply()
+            assert code == 421 and "nothing was delivered" in lines[0]
+            assert d.reply()[0] is None
+            d.close()
+    finally:
+        sink.stop()
+
+
+def test_broken_config_421(tmp_path):
+    conf = os.path.join(str(tmp_path), "bad.conf")
+    with open(conf, "w") as f:
+        f.write("[smtp]\naction = explode\nbogus = 1\n")
+    with activated(proxy_argv("virusgw-smtpproxy", conf)) as hp:
+        d = Dialogue(*hp)
+        code, lines = d.reply()
+        assert code == 421 and d.reply()[0] is None
+        d.close()
+
+
+def test_idle_timeout(tmp_path, clamd, sink):
+    with proxy(tmp_path, clamd, sink.upstream, "timeout = 1\n") as hp:
+        d = Dialogue(*hp)
+        assert d.reply()[0] == 220
+        code, lines = d.reply()                   # waits; the proxy gives up after 1 s
+        assert code == 421 and "4.4.2" in lines[0]
+        d.close()
+
+
+def test_long_lines_size_and_errors(tmp_path, clamd, sink):
+    with proxy(tmp_path, clamd, sink.upstream, "max_message_size = 2000\nmax_errors = 3\n") as hp:
+        stream = (b"EHLO c.example\r\nMAIL FROM:<s@example.com> SIZE=3000\r\n"
+                  b"MAIL FROM:<s@example.com>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n"
+                  + b"x" * 1200 + b"\r\n.\r\n"
+                  b"MAIL FROM:<s@example.com>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n"
+                  + b"0123456789\r\n" * 300 + b".\r\n"
+                  + b"N" * 5000 + b"\r\nBDAT 1 LAST\r\nXCLIENT ADDR=1.2.3.4\r\nNOOP\r\n")
+        greeting, replies = raw_session(hp, stream)
+    assert [c for c, _ in replies] == [250, 552, 250, 250, 354, 550, 250, 250, 354, 552,
+                                       500, 502, 421]
+    assert sink.messages == []
+
+
+def test_dual_stack_listener_ipv4_client(tmp_path, clamd, sink):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    with proxy(tmp_path, clamd, sink.upstream, "[networks]\ninside = 127.0.0.1/32\n",
+               host="::") as hp:
+        assert hp[0] == "127.0.0.1"
+        err, _ = send(hp, CLEAN, rcpts=("r@example.org",))   # relaying: only if seen as inside
+        log = log_text(tmp_path)
+    assert err is None and sink.messages[0][1] == ["r@example.org"]
+    assert "client=127.0.0.1:" in log and "direction=outbound" in log

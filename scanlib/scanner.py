@@ -280,6 +280,7 @@ class _Source:
     def __init__(self, item):
         self.fd = None
         self.own = False
+        self.ro_fd = None
         self.path = None
         self.fileobj = None
         if isinstance(item, int):
@@ -324,7 +325,27 @@ class _Source:
             self.own = True
         return self.fd
 
+    def readonly_fd(self):
+        """A descriptor for clamd: a read-only reopening of the caller's (via
+        /proc/self/fd, which works for unlinked files too), so that clamd
+        neither moves the caller's file offset nor gets write access."""
+        if self.fd is not None and not self.own and self.ro_fd is None:
+            try:
+                self.ro_fd = os.open("/proc/self/fd/%d" % self.fd,
+                                     os.O_RDONLY | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                self.ro_fd = None
+        if self.ro_fd is not None:
+            return self.ro_fd
+        return self.open_fd()
+
     def close(self):
+        if self.ro_fd is not None:
+            try:
+                os.close(self.ro_fd)
+            except OSError:
+                pass
+            self.ro_fd = None
         if self.own and self.fd is not None:
             try:
                 os.close(self.fd)
@@ -469,7 +490,7 @@ class Scanner:
             try:
                 if method == "fildes":
                     try:
-                        fd = src.open_fd()
+                        fd = src.readonly_fd()
                     except OSError as e:
                         return Unscannable(UNAVAILABLE, "cannot open: %s" % (e.strerror or e))
                     s.send(b"zFILDES\0")

@@ -629,7 +629,7 @@ class Proxy:
         progress = Progress(self, self.view["progress"], self.view["progress_interval"],
                             t.arg)
         tick = self.make_tick(progress)
-        f = self.spool.create()
+        f, fpath = self.spool_file()
         verdict = decision = qid = None
         code = None
         size = 0
@@ -698,7 +698,7 @@ class Proxy:
             code = 226
             self.r(226, *(notes + ["Transfer complete"]))
         finally:
-            self.spool.forget(f)
+            self.drop_spool(f, fpath)
             self.log_transfer("RETR", t.arg, direction, size, verdict, decision, qid, code)
 
     def stor(self, t):
@@ -707,7 +707,7 @@ class Proxy:
         self.view = self.conf.view("ftp", direction)
         progress = Progress(self, False, self.view["progress_interval"], t.arg)
         tick = self.make_tick(progress)
-        f = self.spool.create()
+        f, fpath = self.spool_file()
         verdict = decision = qid = None
         code = None
         size = existing = 0
@@ -786,10 +786,29 @@ class Proxy:
             self.r(final.code, *(notes + [b.decode("utf-8", "replace")
                                           for b in final.body_lines()]))
         finally:
-            self.spool.forget(f)
+            self.drop_spool(f, fpath)
             self.log_transfer(t.verb, t.arg, direction, size, verdict, decision, qid, code)
 
     view = None
+
+    def spool_file(self):
+        """A spool file; dropped with drop_spool() when the transfer ends.
+        (Spool.forget() cannot find a file by name: os.fdopen files are
+        named by their descriptor, so the path is taken from Spool.paths.)"""
+        f = self.spool.create()
+        return f, self.spool.paths[-1]
+
+    def drop_spool(self, f, path):
+        try:
+            f.close()
+        except OSError:
+            pass
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        if path in self.spool.paths:
+            self.spool.paths.remove(path)
 
     def close(self):
         from scanlib.log import summary

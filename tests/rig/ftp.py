@@ -1,4 +1,5 @@
-"""FTP servers for the tests: pyftpdlib in a subprocess, vsftpd for command:.
+"""FTP servers and a raw client for the tests: pyftpdlib in a subprocess,
+vsftpd for command:, Raw (exact control bytes, whole replies).
 
 PyFtpd(root)   a pyftpdlib server on a free loopback port (IPv4, IPv6 or
                dual-stack), user 'user'/'secret' with full rights on root
@@ -139,3 +140,92 @@ def vsftpd_config(directory, pasv=(31000, 31049)):
             "file_open_mode=0644", ""]))
     os.chmod(conf, 0o600)
     return conf, anon
+
+
+
+class Raw:
+    def __init__(self, host, port, timeout=20, source=None):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        if source:
+            self.sock.bind((source, 0))
+        self.sock.connect((host, port))
+        self.buf = b""
+        self.timeout = timeout
+
+    def _line(self):
+        deadline = time.monotonic() + self.timeout
+        while b"\r\n" not in self.buf:
+            if time.monotonic() > deadline:
+                raise TimeoutError("no reply line")
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError("connection closed; partial %r" % self.buf)
+            self.buf += data
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line.decode("utf-8", "replace")
+
+    def reply(self):
+        """(code, [lines]) of the next whole reply."""
+        first = self._line()
+        lines = [first]
+        if first[3:4] == "-":
+            code = first[:3]
+            while True:
+                line = self._line()
+                lines.append(line)
+                if line[:3] == code and line[3:4] == " ":
+                    break
+        return int(first[:3]), lines
+
+    def send(self, data):
+        if isinstance(data, str):
+            data = data.encode()
+        self.sock.sendall(data)
+
+    def cmd(self, line):
+        self.send(line + "\r\n" if isinstance(line, str) else line + b"\r\n")
+        return self.reply()
+
+    def login(self, user="user", password="secret"):
+        code, lines = self.reply()
+        assert code == 220, lines
+        code, lines = self.cmd("USER " + user)
+        if code == 331:
+            code, lines = self.cmd("PASS " + password)
+        assert code == 230, lines
+        return code
+
+    def pasv_port(self):
+        code, lines = self.cmd("EPSV")
+        assert code == 229, lines
+        text = lines[-1]
+        return int(text[text.index("(|||") + 4:text.index("|)")])
+
+    def data_connect(self, port):
+        family = self.sock.family
+        host = self.sock.getpeername()[0]
+        s = socket.create_connection((host, port), timeout=self.timeout)
+        return s
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def recv_all(sock, timeout=20):
+    sock.settimeout(timeout)
+    out = []
+    while True:
+        try:
+            data = sock.recv(1 << 20)
+        except ConnectionResetError:
+            break
+        if not data:
+            break
+        out.append(data)
+    sock.close()
+    return b"".join(out)

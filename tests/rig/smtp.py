@@ -101,6 +101,7 @@ exim_user = Debian-exim
 exim_group = Debian-exim
 trusted_users = root
 never_users =
+keep_environment =
 acl_smtp_rcpt = accept_all
 acl_smtp_data = accept_all
 received_header_text = Received: from ${{sender_rcvhost}} by ${{primary_hostname}} with ${{received_protocol}} id ${{message_exim_id}}
@@ -139,6 +140,14 @@ class Exim:
             os.makedirs(p, exist_ok=True)
             os.chown(p, pw.pw_uid, pw.pw_gid)
             os.chmod(p, 0o750)
+        # Pre-create the logs as exim's user: the first exim (root until it
+        # sees -C) would otherwise create them root-owned, and the next one,
+        # running as Debian-exim, fails with "Unexpected log failure".
+        for name in ("mainlog", "paniclog", "rejectlog"):
+            p = os.path.join(self.dir, "log", name)
+            open(p, "a").close()
+            os.chown(p, pw.pw_uid, pw.pw_gid)
+            os.chmod(p, 0o640)
         with open(self.conf, "w") as f:
             f.write(EXIM_CONF.format(dir=self.dir))
         os.chown(self.conf, 0, 0)

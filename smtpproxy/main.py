@@ -29,7 +29,6 @@ from smtpproxy import session as S
 
 IDENT = "virusgw-smtpproxy"
 READ = 1 << 16
-KEEPALIVE = 60.0          # NOOP a TCP upstream idle this long during DATA and scans
 EX_OK, EX_CONFIG, EX_TEMPFAIL = 0, 78, 75
 
 
@@ -68,8 +67,8 @@ class Client:
                 raise ClientGone()
             view = view[n:]
 
-    def fill(self, timeout, tick=None):
-        """Read more into buf; tick() is called every KEEPALIVE seconds of
+    def fill(self, timeout, tick=None, interval=60.0):
+        """Read more into buf; tick() is called every interval seconds of
         waiting.  ClientTimeout after timeout seconds of silence."""
         self.flush()
         deadline = time.monotonic() + timeout
@@ -77,7 +76,7 @@ class Client:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ClientTimeout()
-            wait = min(left, KEEPALIVE) if tick else left
+            wait = min(left, interval) if tick else left
             try:
                 ready = select.select([self.rfd], [], [], wait)[0]
             except InterruptedError:
@@ -86,6 +85,8 @@ class Client:
                 if tick:
                     tick()
                 continue
+            if tick:
+                tick()
             try:
                 data = os.read(self.rfd, READ)
             except InterruptedError:
@@ -306,7 +307,7 @@ class Proxy:
         if self.upstream is not None:
             from smtpproxy.upstream import UpstreamError
             try:
-                self.upstream.keepalive(KEEPALIVE)
+                self.upstream.keepalive(self.view["keepalive"])
             except UpstreamError as e:
                 self.log.warning("upstream lost during keep-alive: %s", e)
 
@@ -326,11 +327,12 @@ class Proxy:
             return self.abort_transaction()
         c.queue(R.START_DATA.wire())
         reader = DataReader(body, max_size=sess.size_limit,
-                            max_line=self.view.get("max_line_length", 1000))
+                            max_line=self.view["max_line_length"])
         pending, c.buf = c.buf, b""
         done = reader.feed(pending) if pending else False
         while not done:
-            data = c.fill(self.view["timeout"], tick=self.keepalive)
+            data = c.fill(self.view["timeout"], tick=self.keepalive,
+                          interval=self.view["keepalive"])
             c.buf = b""
             done = reader.feed(data)
         c.buf = reader.rest

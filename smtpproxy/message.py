@@ -124,7 +124,7 @@ class Message:
             left = self.deadline - time.monotonic()
             if left <= 0:
                 return None
-            t.join(min(left, 30.0))
+            t.join(min(left, self.view["keepalive"]))
             if not t.is_alive():
                 return result if len(result) == len(items) else None
             self.p.keepalive()

@@ -450,3 +450,36 @@ def test_dual_stack_listener_ipv4_client(tmp_path, clamd, sink):
         log = log_text(tmp_path)
     assert err is None and sink.messages[0][1] == ["r@example.org"]
     assert "client=127.0.0.1:" in log and "direction=outbound" in log
+
+
+def test_keepalive_noop_to_tcp_upstream_during_slow_data(tmp_path, clamd, sink):
+    import time
+    with proxy(tmp_path, clamd, sink.upstream, "keepalive = 1\n") as hp:
+        d = Dialogue(*hp)
+        d.reply()
+        d.send(b"EHLO c.example\r\nMAIL FROM:<s@example.com>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
+        assert [d.reply()[0] for _ in range(4)] == [250, 250, 250, 354]
+        body = stuff(CLEAN)
+        for i in range(3):                      # a slow client: the upstream must not time out
+            d.send(body[i * 10:(i + 1) * 10])
+            time.sleep(1.2)
+        d.send(body[30:])
+        assert d.reply()[0] == 250
+        d.close()
+    assert sink.noops >= 1
+    assert stored(sink.messages[0][2])[0] == CLEAN
+
+
+def test_deadline_applies_on_unavailable(tmp_path, clamd, sink):
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(50)
+    try:
+        with proxy(tmp_path, clamd, sink.upstream, "deadline = 1\n",
+                   scanner="tcp:127.0.0.1:%d" % hung.getsockname()[1],
+                   scanner_text="timeout = 60\n") as hp:
+            err, _ = send(hp, CLEAN)
+    finally:
+        hung.close()
+    assert err.smtp_code == 451 and b"deadline" in err.smtp_error
+    assert sink.messages == []

@@ -29,6 +29,7 @@ class Sink:
     def __init__(self, xforward=False, refuse_rcpt=(), refuse_data=False):
         self.messages = []
         self.xforward_seen = []
+        self.noops = 0
         self.xforward = xforward
         self.refuse_rcpt = set(refuse_rcpt)
         self.refuse_data = refuse_data
@@ -66,6 +67,10 @@ class Sink:
                 return "250 2.0.0 OK queued as %d" % len(sink.messages)
 
         class XSMTP(SMTP):
+            async def smtp_NOOP(self, arg):
+                sink.noops += 1
+                await super().smtp_NOOP(arg)
+
             @syntax("XFORWARD attr=value ...")
             async def smtp_XFORWARD(self, arg):
                 sink.xforward_seen.append(arg)

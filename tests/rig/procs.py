@@ -77,3 +77,34 @@ def matching(text):
         if text in cmd and state != b"Z":
             pids.append(pid)
     return pids
+
+
+def children(ppid):
+    """[(pid, state)] of the direct children of ppid (state 'Z': a zombie
+    its parent has not reaped yet)."""
+    out = []
+    for pid in _pids():
+        try:
+            with open("/proc/%d/stat" % pid, "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == ppid:
+            out.append((pid, fields[0].decode()))
+    return out
+
+
+def listening(port):
+    """Is anything listening on TCP port (any address)?  Read from
+    /proc/net/tcp{,6}, so checking does not make a connection."""
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name) as f:
+                next(f)
+                for line in f:
+                    parts = line.split()
+                    if int(parts[1].rsplit(":", 1)[1], 16) == port and parts[3] == "0A":
+                        return True
+        except OSError:
+            pass
+    return False

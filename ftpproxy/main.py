@@ -309,7 +309,18 @@ class Proxy:
             self.send(r.raw())
             if r.code >= 200:
                 break
+        was = self.session.state
         self.session.upstream_reply(a.verb, r.code)
+        if was != S.READY and self.session.state == S.READY:
+            # The server speaks TYPE I with us from the start: SIZE, REST
+            # and the bytes scanned are then the stored bytes.
+            from ftpproxy.upstream import UpstreamError
+            try:
+                self.up.ensure_binary()
+            except UpstreamError as e:
+                if self.up.sock.fileno() < 0:
+                    raise
+                self.log.debug("TYPE I after login: %s", e)
 
     def login(self, a):
         from ftpproxy.upstream import Upstream, UpstreamError, Denied, resolve

@@ -82,6 +82,16 @@ def split_hostport(text, default_port):
     elif text.count(":") == 1:
         host, p = text.split(":")
         port = _port(p, text)
+    elif ":" in text:
+        # Unbracketed and several colons: only a whole IPv6 address
+        # ('a:b:c' is neither host:port nor an address).
+        import ipaddress
+        try:
+            ipaddress.IPv6Address(text.split("%", 1)[0])
+        except ValueError:
+            raise ValueError("bad host in %r (write an IPv6 address with a port as [V6]:PORT)"
+                             % text)
+        host = text
     else:
         host = text
     if not host or not re.match(r"^[A-Za-z0-9._:%-]+$", host):
@@ -271,8 +281,44 @@ def _validator():
     v = Validator(checks)
     # Overrides default to None: every check must let None through.
     for name, fn in list(v.functions.items()):
-        v.functions[name] = _nullable(fn)
+        v.functions[name] = _nullable(_plain_words(name, fn))
     return v
+
+
+_TYPE_WORDS = {"integer": "a whole number", "float": "a number", "boolean": "yes or no",
+               "string": "text", "option": "one of the listed words"}
+
+
+def _plain_words(name, check):
+    """validate's own messages ('the value "x" is unacceptable.') say
+    neither what is allowed nor the limit: say both."""
+    def wrapped(value, *args, **kw):
+        import validate
+        try:
+            return check(value, *args, **kw)
+        except validate.VdtValueTooSmallError:
+            low = kw.get("min", args[0] if args else None)
+            raise _bad("%s is too small: the minimum is %s" % (_show(value), low))
+        except validate.VdtValueTooBigError:
+            high = kw.get("max", args[1] if len(args) > 1 else None)
+            raise _bad("%s is too big: the maximum is %s" % (_show(value), high))
+        except validate.VdtValueTooShortError:
+            raise _bad("must not be empty")
+        except validate.VdtTypeError:
+            if isinstance(value, (list, tuple)):
+                raise _bad("expected one value, not a list (quote it)")
+            raise _bad("%s is not %s" % (_show(value), _TYPE_WORDS.get(name, name)))
+        except validate.VdtValueError as e:
+            if name == "option":
+                if isinstance(value, (list, tuple)):
+                    raise _bad("expected one value, not a list")
+                raise _bad("%s is not one of: %s" % (_show(value), ", ".join(args)))
+            raise _bad(str(e))
+    return wrapped
+
+
+def _show(value):
+    return '"%s"' % (value,) if not isinstance(value, (list, tuple)) else repr(list(value))
 
 
 class _LineFinder:
@@ -324,6 +370,8 @@ def _parse_and_validate(path):
     problems = []
     if not os.path.exists(path):
         raise ConfigError(["%s: no such file" % path])
+    if not os.path.isfile(path):
+        raise ConfigError(["%s: not a regular file" % path])
     try:
         conf = ConfigObj(path, configspec=_spec(), file_error=True, interpolation=False,
                          encoding="utf-8", raise_errors=False)
@@ -333,8 +381,10 @@ def _parse_and_validate(path):
             msg = getattr(err, "msg", None) or str(err)
             problems.append("%s:%s: %s" % (path, line, msg) if line else "%s: %s" % (path, msg))
         raise ConfigError(problems)
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(["%s: cannot read: %s" % (path, e)])
+    except UnicodeDecodeError:
+        raise ConfigError(["%s:%s: not UTF-8 text" % (path, _first_bad_line(path))])
+    except OSError as e:
+        raise ConfigError(["%s: cannot read: %s" % (path, e.strerror or e)])
     finder = _LineFinder(path)
     result = conf.validate(_validator(), preserve_errors=True)
     if result is not True:
@@ -355,8 +405,29 @@ def _parse_and_validate(path):
             problems.append("%s: unknown key" % _where(path, finder, sections, name))
     problems.extend(_cross_checks(conf, path, finder))
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(sorted(problems, key=lambda p: _line_of(p, path)))
     return _plain(conf)
+
+
+def _line_of(problem, path):
+    """Sort key: the line number after 'path:' (problems without one last)."""
+    rest = problem[len(path) + 1:]
+    num = rest.split(":", 1)[0]
+    return int(num) if num.isdigit() else 1 << 30
+
+
+def _first_bad_line(path):
+    """Number of the first line that is not UTF-8 ('?' if none is found)."""
+    try:
+        with open(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError:
+                    return n
+    except OSError:
+        pass
+    return "?"
 
 
 def _errtext(err):

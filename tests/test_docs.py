@@ -427,3 +427,20 @@ def test_readme_links_every_page():
     text = _read(os.path.join(REPO, "README.md"))
     for page in PAGES:
         assert "man/%s" % page in text, page
+
+
+@pytest.mark.parametrize("program,module", [("virusgw-smtpproxy", "smtpproxy"),
+                                            ("virusgw-ftpproxy", "ftpproxy")])
+def test_proxy_options_are_the_documented_ones(program, module):
+    """The options the proxy's argument loop knows are those its page lists."""
+    source = _read(os.path.join(REPO, module, "main.py"))
+    known = set(re.findall(r'a == "(-[a-zA-Z])"', source))
+    assert known, "no option handling found in %s/main.py" % module
+    text = _read(os.path.join(MAN, program + ".8"))
+    options = text.split("\n.SH OPTIONS\n", 1)[1].split("\n.SH ", 1)[0]
+    documented = set(re.findall(r"(?m)^\.BI? \\(-[a-zA-Z])\b", options))
+    documented = {o.replace("\\", "") for o in documented}
+    assert documented == known
+    synopsis = _plain(text.split("\n.SH SYNOPSIS\n", 1)[1].split("\n.SH ", 1)[0])
+    for opt in known:
+        assert opt in synopsis

@@ -12,8 +12,6 @@ relay_allowed() is the proxy's own relay control (see DESIGN.md): a
 What this module does not do: resolve domains or look up mailboxes.
 """
 
-import re
-
 ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 ATEXT_U = r"(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]|[^\x00-\x7f])"
 LDH = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
@@ -24,6 +22,7 @@ ADDR_LIT = r"\[(?:[0-9.]{7,15}|IPv6:[0-9A-Fa-f:.]{2,45})\]"
 
 
 def _grammar(utf8):
+    import re
     at, ldh, qs = (ATEXT_U, LDH_U, QSTRING_U) if utf8 else (ATEXT, LDH, QSTRING)
     domain = r"%s(?:\.%s)*\.?" % (ldh, ldh)     # a trailing dot is tolerated, then ignored
     dot_string = r"%s+(?:\.%s+)*" % (at, at)
@@ -34,9 +33,9 @@ def _grammar(utf8):
                       % (route, mailbox))
 
 
-_PATH = {False: _grammar(False), True: _grammar(True)}
-_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
-_VALUE = re.compile(r"^[\x21-\x3c\x3e-\x7e]+$")       # esmtp-value: no '=' nor SP nor controls
+_PATH = {}                 # compiled on first use: every connection pays for imports
+_KEYWORD = r"^[A-Za-z0-9][A-Za-z0-9-]*$"
+_VALUE = r"^[\x21-\x3c\x3e-\x7e]+$"       # esmtp-value: no '=' nor SP nor controls
 MAX_LOCAL = 64
 MAX_DOMAIN = 255
 MAX_PATH = 256
@@ -72,7 +71,10 @@ def parse_path(text, utf8=False, allow_null=False):
         raise BadAddress("null path not allowed here")
     if len(text) > MAX_PATH + 2:
         raise BadAddress("path too long")
-    m = _PATH[bool(utf8)].match(text)
+    utf8 = bool(utf8)
+    if utf8 not in _PATH:
+        _PATH[utf8] = _grammar(utf8)
+    m = _PATH[utf8].match(text)
     if not m:
         raise BadAddress("bad path syntax")
     if m.group("postmaster"):
@@ -126,11 +128,12 @@ def _path_end(text):
 def parse_params(words):
     """['SIZE=10', 'SMTPUTF8'] -> [('SIZE', '10'), ('SMTPUTF8', None)]
     (keywords upper-cased).  Raises BadAddress."""
+    import re
     out = []
     seen = set()
     for w in words:
         k, eq, v = w.partition("=")
-        if not _KEYWORD.match(k) or (eq and not _VALUE.match(v)):
+        if not re.match(_KEYWORD, k) or (eq and not re.match(_VALUE, v)):
             raise BadAddress("bad parameter %r" % w)
         k = k.upper()
         if k in seen:

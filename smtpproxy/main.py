@@ -152,25 +152,54 @@ def _hostname(view):
     return socket.gethostname() or "localhost"
 
 
+def _quiet_stderr():
+    """fd 2 to /dev/null: under inetd it is the client's socket.  (Done
+    here, before scanlib.log is imported: logging is the heaviest import
+    and the greeting does not wait for it.)"""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        if fd != 2:
+            os.dup2(fd, 2)
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _greeting_name(conf, peer):
+    """The hostname for the greeting: [smtp] hostname, or the direction's
+    override when one is written (then the direction is found now)."""
+    smtp = conf["smtp"]
+    if any((smtp.get(d) or {}).get("hostname") for d in ("inbound", "outbound")):
+        from scanlib import net
+        inside = net.Networks(conf["networks"]["inside"])
+        direction = net.smtp_direction(peer[0], inside) if peer[0] else net.INBOUND
+        return _hostname(conf.view("smtp", direction))
+    return _hostname(smtp)
+
+
+def _peer():
+    """(address, port) of the client on fd 0 (getpeername, IPv4-mapped
+    addresses normalised), else $REMOTE_ADDR or $TCPREMOTEIP."""
+    from scanlib import net
+    return net.peer_of_stdin()
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     conf_path, debug = _parse_args(argv)
     started = time.monotonic()
+    if not debug:
+        _quiet_stderr()
     from scanlib import config as C
-    from scanlib import log as L
     try:
         conf = C.load(conf_path)
-    except C.ConfigError as e:
+    except Exception as e:              # ConfigError, or anything else: never a traceback
+        from scanlib import log as L
         L.setup(IDENT, "", debug)
-        L.LOG.error("configuration unusable, answering 421: %s", "; ".join(e.problems))
+        problems = "; ".join(e.problems) if isinstance(e, C.ConfigError) else repr(e)
+        L.LOG.error("configuration unusable, answering 421: %s", problems)
         _write_all(1, R.CONFIG_BROKEN.wire("virusgw"))
         return EX_CONFIG
-    except Exception as e:              # never a traceback to the client
-        L.setup(IDENT, "", debug)
-        L.LOG.error("configuration could not be loaded: %r", e)
-        _write_all(1, R.CONFIG_BROKEN.wire("virusgw"))
-        return EX_CONFIG
-    log = L.setup(IDENT, conf["log"]["file"], debug, conf["log"].get("level", "info"))
     try:
         from scanlib import privs
     except ImportError:
@@ -179,13 +208,20 @@ def main(argv=None):
         try:
             privs.drop(conf.get("user", ""))
         except privs.PrivilegeError as e:
-            log.error("privilege drop failed, answering 421: %s", e)
+            from scanlib import log as L
+            L.setup(IDENT, conf["log"]["file"], debug)
+            L.LOG.error("privilege drop failed, answering 421: %s", e)
             _write_all(1, R.CONFIG_BROKEN.wire("virusgw"))
             return EX_CONFIG
-    from scanlib.spool import install_signal_cleanup
-    install_signal_cleanup()
     _nodelay(0)
-    proxy = Proxy(conf, log, debug)
+    peer = _peer()
+    hostname = _greeting_name(conf, peer)
+    # The greeting goes out now; logging and the session are set up while
+    # the client reads it.
+    _write_all(1, R.GREETING.wire(hostname))
+    from scanlib import log as L
+    log = L.setup(IDENT, conf["log"]["file"], debug, conf["log"].get("level", "info"))
+    proxy = Proxy(conf, log, peer, debug)
     try:
         return proxy.run()
     except Exception as e:              # never a traceback to the client
@@ -214,10 +250,10 @@ def _write_all(fd, data):
 
 
 class Proxy:
-    def __init__(self, conf, log, debug=False):
+    def __init__(self, conf, log, peer, debug=False):
         from scanlib import net
         self.conf, self.log, self.debug = conf, log, debug
-        self.addr, self.port = net.peer_of_stdin()
+        self.addr, self.port = peer
         inside = net.Networks(conf["networks"]["inside"])
         self.inside = bool(self.addr) and self.addr in inside
         self.direction = net.smtp_direction(self.addr, inside) if self.addr else net.INBOUND
@@ -239,7 +275,6 @@ class Proxy:
     def run(self):
         c, sess = self.client, self.session
         timeout = self.view["timeout"]
-        c.queue(sess.greeting().data)
         try:
             while True:
                 line = c.line(timeout, S.MAX_LINE)
@@ -317,6 +352,9 @@ class Proxy:
         from smtpproxy.datareader import DataReader
         c, sess = self.client, self.session
         if self.spool is None:
+            # Spool files exist from here on: SIGTERM/SIGHUP must run the cleanup.
+            from scanlib.spool import install_signal_cleanup
+            install_signal_cleanup()
             self.spool = Spool(self.conf["spool"]["directory"])
         try:
             body = self.spool.create(prefix="vgw-msg-")

@@ -110,9 +110,16 @@ class Message:
 
     def scan(self, items):
         """Verdicts for items, or None when the deadline passed first."""
-        import threading
         from scanlib.scanner import Scanner
         scanner = Scanner.from_config(self.conf["scanner"])
+        up = self.p.upstream
+        quiet_upstream = up is None or up.kind != "smtp" or scanner.timeout < self.view["keepalive"]
+        if len(items) == 1 and quiet_upstream and \
+                scanner.timeout + scanner.connect_timeout < self.deadline - time.monotonic():
+            # One scan that ends (its own timeout) before the deadline and
+            # before any keep-alive is due: no worker thread needed.
+            return scanner.scan_many(items)
+        import threading
         result = []
 
         def work():

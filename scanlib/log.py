@@ -42,7 +42,7 @@ def setup(ident, logfile="", debug=False, level="info"):
         LOG.addHandler(h)
     if logfile:
         try:
-            h = logging.FileHandler(logfile, delay=True)
+            h = _SafeFileHandler(logfile, delay=True)
             h.setFormatter(logging.Formatter(
                 "%%(asctime)s %s[%d]: %%(levelname)s %%(message)s" % (ident, pid)))
             LOG.addHandler(h)
@@ -59,6 +59,18 @@ def setup(ident, logfile="", debug=False, level="info"):
     if not LOG.handlers:
         LOG.addHandler(logging.NullHandler())
     return LOG
+
+
+class _SafeFileHandler(logging.FileHandler):
+    """FileHandler whose delayed open cannot raise: logging.FileHandler opens
+    the file in emit() outside its error handling, so a missing directory
+    or a full disk raised into the proxy (and its traceback went to fd 2)."""
+
+    def emit(self, record):
+        try:
+            logging.FileHandler.emit(self, record)
+        except Exception:
+            self.handleError(record)
 
 
 _SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"

@@ -29,7 +29,11 @@ class Spool:
         """A new spool file opened w+b (0600).  Removed at cleanup()."""
         fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=self.directory)
         self.paths.append(path)
-        return os.fdopen(fd, "w+b")
+        f = os.fdopen(fd, "w+b")
+        # os.fdopen names the file by its descriptor number: name it by its
+        # path, so that forget(f) finds it and scanners can use f.name.
+        f.raw.name = path
+        return f
 
     def forget(self, f):
         """Remove one file now (closing it)."""

@@ -226,16 +226,6 @@ class Proxy:
     def r(self, code, *lines):
         self.ctl.send(reply(code, *lines))
 
-    def spawn_if_command(self):
-        """command: mode starts the ftpd now, before the privilege drop."""
-        if self.mode != "command":
-            return
-        import shlex
-        from ftpproxy.upstream import Upstream
-        argv = shlex.split(self.ftp["upstream"][len("command:"):])
-        self.up = Upstream.spawn(argv, self.ftp["timeout"])
-        self.server_name = os.path.basename(argv[0])
-
     # -- main loop -----------------------------------------------------------
     def run(self):
         from ftpproxy.upstream import UpstreamError
@@ -881,14 +871,17 @@ def main(argv=None):
     install_signal_cleanup()
     proxy = None
     try:
-        proxy = Proxy(conf, ctl, log, debug)
-        from ftpproxy.upstream import UpstreamError
-        try:
-            proxy.spawn_if_command()
-        except UpstreamError as e:
-            log.error("upstream: %s", e)
-            ctl.send(reply(421, "Service not available: cannot start the FTP server"))
-            return 69
+        ftp = conf.view("ftp")
+        up = None
+        if ftp["upstream"].startswith("command:"):
+            # spawned before the privilege drop (vsftpd needs root to start)
+            from ftpproxy.upstream import UpstreamError, spawn_command
+            try:
+                up = spawn_command(ftp["upstream"], ftp["timeout"])
+            except UpstreamError as e:
+                log.error("upstream: %s", e)
+                ctl.send(reply(421, "Service not available: cannot start the FTP server"))
+                return 69
         try:
             from scanlib import privs
         except ImportError:
@@ -899,11 +892,18 @@ def main(argv=None):
             except privs.PrivilegeError as e:
                 log.error("privileges: %s", e)
                 ctl.send(reply(421, "Service not available"))
+                if up is not None:
+                    up.close()
                 return 77
-        hostname = proxy.ftp.get("hostname") or ""
+        # Greet first: everything heavier is imported after the 220.
+        hostname = ftp.get("hostname") or ""
         ctl.send(reply(220, "%svirusgw FTP proxy ready%s" % (
             hostname + " " if hostname else "",
-            "" if proxy.mode != "userhost" else ": login as USER name@host[:port]")))
+            ": login as USER name@host[:port]" if ftp["upstream"] == "userhost" else "")))
+        proxy = Proxy(conf, ctl, log, debug)
+        if up is not None:
+            proxy.up = up
+            proxy.server_name = up.name
         proxy.run()
         return 0
     except ClientGone:

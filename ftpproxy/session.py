@@ -28,7 +28,6 @@ happens to it.
 
 from collections import namedtuple
 
-from ftpproxy import addr as _addr
 from ftpproxy.replies import reply
 
 MAX_LINE = 2048          # bytes of one command line, CRLF excluded
@@ -382,6 +381,7 @@ class Session:
     def _active(self, verb, arg):
         if self.epsv_all:
             return _r(503, "%s not allowed after EPSV ALL" % verb)
+        from ftpproxy import addr as _addr      # not on the greeting path
         text = arg.strip().decode("ascii", "replace")
         try:
             if verb == "PORT":

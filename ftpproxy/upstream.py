@@ -24,6 +24,7 @@ host, RFC 2577).
 
 import fnmatch
 import ipaddress
+import os
 import select
 import socket
 import time
@@ -132,6 +133,15 @@ def resolve(host, port, allowed, client, inside):
     raise why or Denied("no address for %s" % host)
 
 
+def spawn_command(upstream, timeout):
+    """command:ARGV -> Upstream on a freshly spawned inetd-mode ftpd."""
+    import shlex
+    argv = shlex.split(upstream[len("command:"):])
+    up = Upstream.spawn(argv, timeout)
+    up.name = os.path.basename(argv[0])
+    return up
+
+
 # -- the control connection -----------------------------------------------------
 
 class Upstream:
@@ -200,6 +210,8 @@ class Upstream:
             theirs.close()
         mine.settimeout(None)
         return cls(mine, timeout, proc)
+
+    name = ""
 
     def fileno(self):
         return self.sock.fileno()

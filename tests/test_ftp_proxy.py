@@ -649,3 +649,85 @@ def test_userhost_inside_and_outside(proxy, ftpd, tmp_path):
     r.reply()
     assert r.cmd("USER user@127.0.0.1")[0] == 530
     assert "denied" in log_text(tmp_path)
+
+
+# -- more: names, direction, ABOR during the scan, quarantine trouble ---------------------
+
+def test_non_utf8_names_relayed_as_bytes(proxy):
+    hp = proxy()
+    r = Raw(*hp)
+    r.login()
+    r.cmd("TYPE I")
+    port = r.pasv_port()
+    r.send(b"STOR caf\xe9-\xff\xfe.bin\r\n")
+    code, lines = r.reply()
+    if code == 150:
+        d = r.data_connect(port)
+        d.sendall(b"latin-1 name")
+        d.close()
+        code, lines = r.reply()
+    assert 200 <= code < 600 and code != 421, lines   # a proper reply, no crash
+    assert r.cmd(b"SIZE caf\xe9-\xff\xfe.bin")[0] in (213, 550)
+    assert r.cmd("NOOP")[0] == 200
+
+
+def test_actions_by_direction(proxy, ftpd, tmp_path):
+    """inside = 127.0.0.1 (the server); the client at 127.0.0.2 is outside:
+    its uploads are inbound, its downloads outbound."""
+    hp = proxy("action = delete\n[[inbound]]\naction = quarantine\n[[outbound]]\naction = pass\n"
+               "[networks]\ninside = 127.0.0.1/32\n")
+    f = client(hp, source="127.0.0.2")
+    with pytest.raises(ftplib.error_perm) as e:
+        f.storbinary("STOR inbound.com", io.BytesIO(EICAR))
+    assert str(e.value).startswith("551") and "Quarantined as" in str(e.value)
+    out = io.BytesIO()
+    resp = f.retrbinary("RETR eicar.com", out.write)        # outbound: pass
+    assert out.getvalue() == EICAR and EICAR_NAME in resp
+    f.quit()
+    wait_until(lambda: "direction=outbound" in log_text(tmp_path), timeout=10, what="log")
+    assert "direction=inbound" in log_text(tmp_path)
+    # an inside client: both ends inside, the base section (delete) applies
+    f = client(hp)
+    with pytest.raises(ftplib.error_perm) as e:
+        f.retrbinary("RETR eicar.com", lambda b: None)
+    assert str(e.value).startswith("550") and "Quarantined" not in str(e.value)
+
+
+def test_abor_during_scan(proxy, clamd):
+    slow = SlowClamd(clamd.tcp_port, 4)
+    try:
+        hp = proxy(scanner=["tcp:127.0.0.1:%d" % slow.port])
+        r = Raw(*hp)
+        r.login()
+        r.cmd("TYPE I")
+        r.pasv_port()
+        r.send("RETR hello.txt\r\n")
+        time.sleep(0.5)                      # fetched, now waiting for the scanner
+        r.send("ABOR\r\n")
+        assert r.reply()[0] == 426
+        assert r.reply()[0] == 226
+        assert r.cmd("NOOP")[0] == 200
+    finally:
+        slow.close()
+
+
+def test_quarantine_failure_is_temporary(proxy, ftpd):
+    hp = proxy("action = quarantine\n[quarantine]\ndirectory = /proc/no-such-dir/q\n")
+    f = client(hp)
+    with pytest.raises(ftplib.error_temp) as e:
+        f.storbinary("STOR q-fail.com", io.BytesIO(EICAR))
+    assert str(e.value).startswith("451")
+    assert server_file(ftpd, "q-fail.com") is None
+
+
+def test_server_refusal_after_scan_relayed(proxy, ftpd):
+    hp = proxy()
+    f = client(hp, user="anonymous", password="guest@example.com")   # read-only
+    with pytest.raises(ftplib.error_perm) as e:
+        f.storbinary("STOR anon.bin", io.BytesIO(b"clean"))
+    text = str(e.value)
+    assert text.startswith("550") and "anon.bin: OK" in text          # the server's code
+    assert server_file(ftpd, "anon.bin") is None
+    with pytest.raises(ftplib.error_perm):
+        f.retrbinary("RETR no-such-file", lambda b: None)
+    assert f.voidcmd("NOOP").startswith("200")

@@ -48,6 +48,15 @@ class Client:
         self.rfd, self.wfd = rfd, wfd
         self.buf = b""
         self.out = []
+        self.tls = None             # the ssl socket once STARTTLS is done
+
+    def start_tls(self, context, timeout):
+        """Server-side TLS handshake on the client socket (fd 0)."""
+        import socket
+        sock = socket.socket(fileno=os.dup(self.rfd))
+        sock.settimeout(timeout)
+        self.tls = context.wrap_socket(sock, server_side=True)
+        return self.tls.version()
 
     def queue(self, data):
         self.out.append(data)
@@ -57,6 +66,12 @@ class Client:
             return
         data = b"".join(self.out)
         self.out = []
+        if self.tls is not None:
+            try:
+                self.tls.sendall(data)
+            except OSError:
+                raise ClientGone()
+            return
         view = memoryview(data)
         while view:
             try:
@@ -77,6 +92,16 @@ class Client:
             if left <= 0:
                 raise ClientTimeout()
             wait = min(left, interval) if tick else left
+            if self.tls is not None:
+                data = self._tls_recv(wait)
+                if data is None:
+                    if tick:
+                        tick()
+                    continue
+                self.buf += data
+                if tick:
+                    tick()
+                return data
             try:
                 ready = select.select([self.rfd], [], [], wait)[0]
             except InterruptedError:
@@ -97,6 +122,21 @@ class Client:
                 raise ClientGone()
             self.buf += data
             return data
+
+    def _tls_recv(self, wait):
+        """Bytes from the TLS layer, None after `wait` seconds of nothing."""
+        import socket
+        import ssl
+        self.tls.settimeout(wait)
+        try:
+            data = self.tls.recv(READ)
+        except (socket.timeout, ssl.SSLWantReadError):
+            return None
+        except OSError:
+            raise ClientGone()
+        if not data:
+            raise ClientGone()
+        return data
 
     def line(self, timeout, limit):
         """The next line (bytes through LF), or None when it was longer
@@ -236,7 +276,8 @@ def main(argv=None):
         proxy.cleanup()
         log.info(L.summary(conn="end", client=proxy.peer_text, direction=proxy.direction,
                            messages=proxy.messages, delivered=proxy.delivered,
-                           blocked=proxy.blocked, reason=proxy.end_reason,
+                           blocked=proxy.blocked, tls=proxy.tls_version or "no",
+                           reason=proxy.end_reason,
                            secs="%.3f" % (time.monotonic() - started)))
 
 
@@ -265,11 +306,13 @@ class Proxy:
         self.spool = None
         self.messages = self.delivered = self.blocked = 0
         self.end_reason = "quit"
+        self.tls_version = ""
         v = self.view
         self.session = S.Session(S.Settings(
             hostname=self.hostname, inside=self.inside, local_domains=v["local_domains"],
             max_size=v["max_message_size"], max_recipients=v["max_recipients"],
-            max_errors=v["max_errors"], client_addr=self.addr, client_port=self.port))
+            max_errors=v["max_errors"], client_addr=self.addr, client_port=self.port,
+            tls=bool(v.get("tls_cert") and v.get("tls_key"))))
 
     # -- the dialogue ----------------------------------------------------------
     def run(self):
@@ -310,6 +353,8 @@ class Proxy:
             action = self.session.upstream(action.kind, code, lines)
         if isinstance(action, S.StartData):
             return self.data()
+        if isinstance(action, S.StartTLS):
+            return self.start_tls()
         c.queue(action.data)
         if action.close:
             if action.data.startswith(b"221"):
@@ -317,6 +362,37 @@ class Proxy:
             else:
                 self.end_reason = "errors"
             return False
+        return True
+
+    def start_tls(self):
+        """RFC 3207: 220, handshake, forget the session.  Plaintext the
+        client pipelined behind STARTTLS is discarded, never read as if it
+        had come through TLS (CVE-2011-0411 class)."""
+        c = self.client
+        try:
+            import ssl
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.load_cert_chain(self.view["tls_cert"], self.view["tls_key"])
+        except (OSError, ValueError) as e:          # ssl.SSLError is an OSError
+            self.log.error("STARTTLS: cannot load %s / %s: %s",
+                           self.view["tls_cert"], self.view["tls_key"], e)
+            c.queue(R.TLS_UNAVAILABLE.wire())
+            return True
+        if c.buf:
+            self.log.warning("STARTTLS: discarded %d bytes of plaintext pipelined after it",
+                             len(c.buf))
+            c.buf = b""
+        c.queue(R.TLS_READY.wire())
+        c.flush()
+        try:
+            self.tls_version = c.start_tls(ctx, self.view["timeout"])
+        except OSError as e:
+            self.log.warning("STARTTLS handshake failed: %s", e)
+            self.end_reason = "tls-failed"
+            c.out = []
+            return False
+        self.session.tls_started()
         return True
 
     def ensure_upstream(self):

@@ -61,12 +61,21 @@ class StartData:
         return "StartData()"
 
 
+class StartTLS:
+    """Answer 220, then the TLS handshake on the client socket; then
+    Session.tls_started()."""
+    __slots__ = ()
+
+    def __repr__(self):
+        return "StartTLS()"
+
+
 class Settings:
     """What a session needs to know, from the config view and the peer."""
 
     def __init__(self, hostname="localhost", inside=False, local_domains=(),
                  max_size=52428800, max_recipients=1000, max_errors=20,
-                 client_addr="", client_port=0):
+                 client_addr="", client_port=0, tls=False):
         self.hostname = hostname
         self.inside = inside
         self.local_domains = list(local_domains)
@@ -75,6 +84,7 @@ class Settings:
         self.max_errors = max_errors
         self.client_addr = client_addr
         self.client_port = client_port
+        self.tls = tls              # a certificate and key are configured: offer STARTTLS
 
 
 class Session:
@@ -88,6 +98,7 @@ class Session:
         self.offered = {}           # what we offered the client
         self.errors = 0
         self.transactions = 0
+        self.tls_active = False
         self._pending = None        # the client's EHLO/HELO reply while XFORWARD/XCLIENT run
         # per transaction
         self.reset_transaction()
@@ -267,7 +278,23 @@ class Session:
         return Send(R.VRFY.wire())
 
     def cmd_starttls(self, arg):
-        return self._error(R.TLS_NOT_OFFERED)
+        if "STARTTLS" not in self.offered:
+            return self._error(R.TLS_NOT_OFFERED if not self.tls_active else R.TLS_ACTIVE)
+        if arg:
+            return self._error(R.SYNTAX)
+        if self.in_transaction:
+            return self._error(R.TLS_IN_TRANSACTION)
+        return StartTLS()
+
+    def tls_started(self):
+        """RFC 3207 4.2: after the handshake everything learnt before is
+        forgotten; the client starts again with EHLO."""
+        self.tls_active = True
+        self.reset_transaction()
+        self.state = START
+        self.helo = ""
+        self.esmtp = False
+        self.offered = {}
 
     def cmd_bdat(self, arg):
         return self._error(R.BDAT_REFUSED)
@@ -366,6 +393,8 @@ class Session:
         for k in ("8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "DSN"):
             if k in up:
                 out[k] = ""
+        if self.s.tls and not self.tls_active:
+            out["STARTTLS"] = ""            # ours: the proxy terminates TLS itself
         return out
 
 

@@ -483,3 +483,64 @@ def test_deadline_applies_on_unavailable(tmp_path, clamd, sink):
         hung.close()
     assert err.smtp_code == 451 and b"deadline" in err.smtp_error
     assert sink.messages == []
+
+
+# -- STARTTLS ----------------------------------------------------------------------------
+
+@pytest.fixture
+def cert(tmp_path):
+    import subprocess
+    key, crt = str(tmp_path / "key.pem"), str(tmp_path / "cert.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                    "-out", crt, "-days", "2", "-subj", "/CN=gw.test.invalid"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return crt, key
+
+
+def test_starttls_then_mail(tmp_path, clamd, sink, cert):
+    import ssl
+    text = "tls_cert = %s\ntls_key = %s\n" % cert
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with proxy(tmp_path, clamd, sink.upstream, text) as hp:
+        s = smtplib.SMTP(hp[0], hp[1], timeout=30)
+        s.ehlo("c.example")
+        assert s.has_extn("starttls")
+        s.starttls(context=ctx)
+        s.ehlo("c.example")
+        assert not s.has_extn("starttls")
+        s.sendmail("s@example.com", ["r@example.net"], CLEAN)
+        s.quit()
+        log = log_text(tmp_path)
+    assert stored(sink.messages[0][2])[0] == CLEAN
+    assert "tls=TLSv1." in log
+
+
+def test_starttls_discards_pipelined_plaintext(tmp_path, clamd, sink, cert):
+    import ssl
+    text = "tls_cert = %s\ntls_key = %s\n" % cert
+    with proxy(tmp_path, clamd, sink.upstream, text) as hp:
+        d = Dialogue(*hp)
+        d.reply()
+        d.send(b"EHLO c.example\r\n")
+        assert d.reply()[0] == 250
+        d.send(b"STARTTLS\r\nMAIL FROM:<injected@example.org>\r\n")    # CVE-2011-0411 style
+        assert d.reply()[0] == 220
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        d.s = ctx.wrap_socket(d.s)
+        d.send(b"MAIL FROM:<s@example.com>\r\n")
+        code, lines = d.reply()       # the injected MAIL was not taken: no EHLO yet since TLS
+        assert code == 503 and "HELO" in lines[0]
+        d.send(b"QUIT\r\n")
+        assert d.reply()[0] == 221
+        d.close()
+
+
+def test_no_starttls_without_certificate(tmp_path, clamd, sink):
+    with proxy(tmp_path, clamd, sink.upstream) as hp:
+        greeting, replies = raw_session(hp, b"EHLO c.example\r\nSTARTTLS\r\nQUIT\r\n")
+    assert not any("STARTTLS" in l for l in replies[0][1])
+    assert [c for c, _ in replies] == [250, 502, 221]

@@ -242,3 +242,20 @@ def test_domain_matching():
     assert not domain_matches("example.com", [".example.com"])
     assert not domain_matches("badexample.net", ["example.net"])
     assert relay_allowed(parse_path("<a@example.org>"), True, []) is None
+
+
+def test_starttls_offered_only_when_configured_and_resets_session():
+    s = new(tls=True)
+    action, _ = cmd(s, "EHLO c.example")
+    assert b"250-STARTTLS\r\n" in action.data or b"250 STARTTLS\r\n" in action.data
+    assert isinstance(cmd(s, "STARTTLS")[0], S.StartTLS)
+    assert cmd(s, "STARTTLS now")[0].data.startswith(b"501")
+    cmd(s, "MAIL FROM:<a@example.com>")
+    assert cmd(s, "STARTTLS")[0].data.startswith(b"503")
+    s.tls_started()
+    assert s.state == S.START and s.sender is None and not s.helo
+    assert cmd(s, "MAIL FROM:<a@example.com>")[0].data.startswith(b"503")
+    action, _ = cmd(s, "EHLO c.example")
+    assert b"STARTTLS" not in action.data
+    assert cmd(s, "STARTTLS")[0].data.startswith(b"503 5.5.1 TLS already active")
+    assert b"STARTTLS" not in cmd(ready(), "EHLO c.example")[0].data

@@ -127,7 +127,7 @@ class ClamSMTP(Peer):
 
     def start(self):
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(["/usr/sbin/clamsmtpd", "-d", "1", "-f", self.conf],
+            self.proc = subprocess.Popen(["/usr/sbin/clamsmtpd", "-d", os.environ.get("BENCH_CLAMSMTP_DEBUG", "1"), "-f", self.conf],
                                          stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True)
         _wait_listen(self.port, self.proc, 20, "clamsmtpd", self.log)

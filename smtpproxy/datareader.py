@@ -76,7 +76,7 @@ class DataReader:
         if block.count(b"\r") != n or block.count(b"\n") != n:
             self._fail("bare")
             return
-        if len(block) > self.max_line and max(map(len, block.split(b"\r\n"))) + 2 > self.max_line:
+        if len(block) > self.max_line and _has_long_line(block, self.max_line):
             self._fail("line")
             return
         if self.line_start and block[:1] == b".":
@@ -88,6 +88,20 @@ class DataReader:
             self._fail("size")
             return
         self.out.write(block)
+
+
+def _has_long_line(block, max_line):
+    """Does block (complete CRLF lines, no bare CR/LF) hold a line longer
+    than max_line octets with its CRLF?  Window by window: the last LF in
+    each window of max_line octets starts the next window, so a window
+    without an LF is a long line.  ~n/max_line steps, not one per line."""
+    p, n = 0, len(block)
+    while n - p > max_line:
+        i = block.rfind(b"\n", p, p + max_line)
+        if i < 0:
+            return True
+        p = i + 1
+    return False
 
 
 def stuff(block, line_start=True):

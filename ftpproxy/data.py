@@ -27,6 +27,7 @@ import time
 from scanlib import net
 
 BLOCK = 1 << 20
+TICK = 0.1              # seconds between checks for ABOR while data flows
 
 
 class DataError(Exception):
@@ -57,6 +58,7 @@ class PassiveListener:
         last = None
         for port in ports[:2000]:
             s = socket.socket(family, socket.SOCK_STREAM)
+            _big(s)             # before listen: accepted sockets inherit it
             try:
                 s.bind((local, port))
                 s.listen(4)
@@ -153,6 +155,7 @@ def recv_to_file(sock, f, timeout, tick=None, ascii=False, limit=None):
     view = memoryview(buf)
     total = 0
     carry = b""
+    next_tick = 0.0
     sock.setblocking(False)
     try:
         while True:
@@ -179,7 +182,10 @@ def recv_to_file(sock, f, timeout, tick=None, ascii=False, limit=None):
             if limit is not None and total > limit:
                 raise DataError("too much data")
             if tick:
-                tick()
+                now = time.monotonic()
+                if now >= next_tick:        # a select() per block would cost more
+                    next_tick = now + TICK
+                    tick()
         if carry:
             f.write(carry)
             total += len(carry)
@@ -202,9 +208,13 @@ def send_file(sock, f, offset, timeout, tick=None, ascii=False):
     sock.settimeout(timeout)
     try:
         if not ascii:
+            next_tick = 0.0
             while pos < size:
                 if tick:
-                    tick()
+                    now = time.monotonic()
+                    if now >= next_tick:
+                        next_tick = now + TICK
+                        tick()
                 try:
                     n = os.sendfile(sock.fileno(), f.fileno(), pos, min(8 * BLOCK, size - pos))
                 except (BlockingIOError, InterruptedError):

@@ -614,7 +614,21 @@ class Proxy:
             command=verb, path=path, size=size, verdict=v,
             viruses=list(verdict.names) if isinstance(verdict, Infected) else None,
             reason=getattr(verdict, "reason", None),
-            action=decision.action if decision else None, qid=qid, reply=code))
+            action=decision.action if decision else None, qid=qid, reply=code,
+            secs=",".join("%s:%.3f" % p for p in self.phases) or None))
+        self.phases = []
+
+    phases = ()
+
+    def phase(self, name):
+        """Record how long the phase that ends now took (for the summary)."""
+        now = time.monotonic()
+        if not self.phases:
+            self.phases = []
+        self.phases.append((name, now - self.phase_start))
+        self.phase_start = now
+
+    phase_start = 0.0
 
     def direction(self, upload):
         from scanlib import net
@@ -634,9 +648,11 @@ class Proxy:
         verdict = decision = qid = None
         code = None
         size = 0
+        self.phases, self.phase_start = [], time.monotonic()
         try:
             try:
                 size, err = self.fetch(t.arg, f, progress, tick)
+                self.phase("fetch")
                 if err is not None:
                     code = int(err[:3])
                     if progress.started:
@@ -645,6 +661,7 @@ class Proxy:
                         code = 451
                     return self.send(err)
                 verdict = self.scan(f, t.arg, progress, tick)
+                self.phase("scan")
             except Aborted:
                 code = 426
                 # the server leg may still be open: tell it
@@ -696,6 +713,7 @@ class Proxy:
                 code = 425 if conn is None else 426
                 return self.r(code, "Data connection failed: %s" % e)
             finish(conn)
+            self.phase("send")
             code = 226
             self.r(226, *(notes + ["Transfer complete"]))
         finally:
@@ -712,6 +730,7 @@ class Proxy:
         verdict = decision = qid = None
         code = None
         size = existing = 0
+        self.phases, self.phase_start = [], time.monotonic()
         try:
             if t.verb == "APPE":
                 # The whole file must be scanned: fetch what is there first.
@@ -734,6 +753,7 @@ class Proxy:
                 size = recv_to_file(conn, f, self.ftp["data_timeout"], tick,
                                     ascii=self.session.type == "A")
                 self.bytes_up += size
+                self.phase("receive")
             except Aborted:
                 code = 426
                 if conn:
@@ -747,6 +767,7 @@ class Proxy:
             conn.close()
             try:
                 verdict = self.scan(f, t.arg, progress, tick)
+                self.phase("scan")
             except Aborted:
                 code = 426
                 return self.abort_reply()
@@ -783,6 +804,7 @@ class Proxy:
                 return self.r(451, *(notes + ["Upload to the server failed: %s" % e]))
             finish(dsock)
             final = self.up.final_reply()
+            self.phase("upload")
             code = final.code
             self.r(final.code, *(notes + [b.decode("utf-8", "replace")
                                           for b in final.body_lines()]))

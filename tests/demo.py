@@ -209,7 +209,7 @@ class Demo:
         heading("starting (everything on loopback, stopped by PID at the end)")
         say("work folder: %s" % self.work)
         if self.clamd_endpoints:
-            say("clamd:       %s (yours; real signatures)" % ", ".join(self.clamd_endpoints))
+            say("clamd:       %s (yours, with its own signatures)" % ", ".join(self.clamd_endpoints))
         else:
             self.clamd = clamd_rig.Clamd(os.path.join(self.work, "clamd")).start()
             self.clamd_endpoints = self.clamd.endpoints
@@ -250,7 +250,8 @@ class Demo:
         pids = []
         for port in (self.smtp_port, self.ftp_port):
             pids += [p for p in procs.matching(b"systemd-socket-activate")
-                     if ("127.0.0.1:%d" % port).encode() in _cmdline(p)]
+                     if b"\x00127.0.0.1:%d\x00" % port in _cmdline(p)
+                     and self.conf.encode() in _cmdline(p)]
         return pids
 
     # -- traffic ---------------------------------------------------------------
@@ -361,8 +362,12 @@ class Demo:
                             self.ftpd.pid] + self.launcher_pids() if p]
         stop = os.path.join(self.work, "stop.sh")
         with open(stop, "w") as f:
-            f.write("#!/bin/sh\n# stops what `make demo KEEP=1` left running, by PID\n")
-            f.write("kill %s 2>/dev/null\n" % " ".join(str(p) for p in pids))
+            f.write("#!/bin/sh\n# stops what `make demo KEEP=1` left running, by PID; a PID\n"
+                    "# is signalled only while its command line still names this demo's\n"
+                    "# folder (PIDs are reused).\n")
+            f.write("for pid in %s; do\n" % " ".join(str(p) for p in pids))
+            f.write("  grep -qF '%s' /proc/$pid/cmdline 2>/dev/null && kill $pid\n" % self.work)
+            f.write("done\nexit 0\n")
         os.chmod(stop, 0o755)
         heading("left running (--keep)")
         say("SMTP proxy  127.0.0.1:%d   e.g. swaks --server 127.0.0.1:%d --to bob@example.com "
@@ -377,7 +382,7 @@ class Demo:
         say("proxy log:          %s" % os.path.join(self.work, "virusgw.log"))
         say("quarantine:         %s quarantine list -c %s"
             % (os.path.join(VENV_BIN, "virusgw"), self.conf))
-        say("stop it all:        sh %s   (kill %s)" % (stop, " ".join(str(p) for p in pids)))
+        say("stop it all:        sh %s   (PIDs %s)" % (stop, " ".join(str(p) for p in pids)))
 
     def stop(self):
         for cm in reversed(self.launchers):

@@ -373,3 +373,43 @@ def test_socket_activation_with_the_shipped_unit(proto, conf, sink, ftpd, open_d
         else:
             ftp_traffic(hp, ftpd, "via-socket-unit")
         back_to_zero(parent)
+
+
+# -- make demo ---------------------------------------------------------------------------
+
+def _demo(*args):
+    return subprocess.run([os.path.join(VENV_BIN, "python"), os.path.join(REPO, "tests", "demo.py")]
+                          + list(args), capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_demo_shows_every_outcome_and_stops_everything():
+    _need_root()
+    r = _demo()
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr
+    work = re.search(r"(?m)^work folder: (\S+)$", r.stdout).group(1)
+    summary = r.stdout.split("== summary ", 1)[1]
+    assert summary.count(" ok\n") == 8 and "UNEXPECTED" not in summary
+    assert "<** 554 5.7.1" in r.stdout and "< 226 " in r.stdout and "< 550" in r.stdout
+    assert "the quarantine: virusgw quarantine list" in r.stdout
+    assert procs.matching(work) == [] and not os.path.exists(work)
+
+
+def test_demo_keep_leaves_it_running_until_its_stop_script():
+    _need_root()
+    r = _demo("--keep")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr
+    stop = re.search(r"(?m)^stop it all:\s+sh (\S+)", r.stdout).group(1)
+    pids = [int(p) for p in re.search(r"\(PIDs ([0-9 ]+)\)", r.stdout).group(1).split()]
+    work = os.path.dirname(stop)
+    try:
+        assert len(pids) == 5      # clamd, sink, FTP server, two launchers
+        port = int(re.search(r"(?m)^SMTP proxy\s+127\.0\.0\.1:(\d+)", r.stdout).group(1))
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+            c.sendmail("a@example.org", ["b@example.com"], b"Subject: by hand\r\n\r\nhi\r\n")
+        assert len([n for n in os.listdir(os.path.join(work, "sink")) if n.endswith(".eml")]) == 2
+    finally:
+        subprocess.run(["sh", stop], timeout=60)
+        wait_until(lambda: procs.matching(work) == [], timeout=30,
+                   what="the demo's processes to stop")
+        shutil.rmtree(work, ignore_errors=True)

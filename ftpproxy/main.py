@@ -36,7 +36,9 @@ what is scanned is exactly what the server stores or serves):
         (stripped by the line reader): stops both legs and the scan; the
         client hears 426 for the transfer, then 226 for the ABOR.
 
-Logging: one summary line per transfer and one per session
+Logging: one summary line per transfer (id, client, user, server,
+direction, command, path, size, verdict, viruses, action, qid, reply and
+secs=PHASE:SECONDS for fetch/receive, scan, send/upload) and one per session
 (scanlib.log.summary); PASS is never logged.  Nothing is ever written to
 stdout or stderr except protocol replies on the control connection.
 """
@@ -51,6 +53,7 @@ from ftpproxy.replies import reply
 
 IDENT = "virusgw-ftpproxy"
 LISTINGS = ("LIST", "NLST", "MLSD")
+MAX_QUEUED = 64          # commands read ahead while a transfer runs
 
 
 class ClientGone(Exception):
@@ -141,7 +144,9 @@ class Control:
     def take_abort(self):
         """Poll without blocking; True (and the ABOR line consumed) if the
         client sent ABOR.  Other commands stay queued, in order."""
-        while self.fill(0):
+        # bounded: a client flooding the control connection during a
+        # transfer is left in the kernel's buffer, not in our memory
+        while len(self.events) < MAX_QUEUED and self.fill(0):
             if self.eof:
                 break
         for i, (kind, line) in enumerate(self.events):
@@ -304,12 +309,12 @@ class Proxy:
         if was != S.READY and self.session.state == S.READY:
             # The server speaks TYPE I with us from the start: SIZE, REST
             # and the bytes scanned are then the stored bytes.
+            # A refusal here is retried at the first transfer (where it is
+            # fatal); a lost server shows at the next command.
             from ftpproxy.upstream import UpstreamError
             try:
                 self.up.ensure_binary()
             except UpstreamError as e:
-                if self.up.sock.fileno() < 0:
-                    raise
                 self.log.debug("TYPE I after login: %s", e)
 
     def login(self, a):

@@ -428,12 +428,16 @@ class Proxy:
         self.r(226, "ABOR command successful")
 
     def abort_upstream(self):
-        """Tell the server to stop its transfer and swallow its replies."""
+        """Tell the server to stop its transfer and swallow its replies.
+        Servers answer ABOR with 426+226, or 226 (the transfer had ended)
+        then 225/226: a NOOP after it marks where the replies end, so the
+        control connection is back in step whichever way it went."""
         self.up.send(b"ABOR")
+        self.up.send(b"NOOP")
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
+        while True:
             r = self.up.reply(timeout=max(0.1, deadline - time.monotonic()))
-            if r.code in (225, 226) or r.code >= 500:
+            if r.code == 200:
                 return
 
     # -- transfers -----------------------------------------------------------------
@@ -801,7 +805,14 @@ class Proxy:
                 return self.r(r.code, *(notes + [b.decode("utf-8", "replace")
                                                   for b in r.body_lines()]))
             try:
-                send_file(dsock, f, existing, self.ftp["data_timeout"], None, False)
+                send_file(dsock, f, existing, self.ftp["data_timeout"], self.make_tick(),
+                          False)
+            except Aborted:
+                # the server holds a partial copy of a clean file; tell it to stop
+                dsock.close()
+                code = 426
+                self.abort_upstream()
+                return self.abort_reply()
             except DataError as e:
                 dsock.close()
                 final = self.up.final_reply()

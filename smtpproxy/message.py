@@ -44,7 +44,7 @@ class Message:
         self.structure = None
         self.verdict = None
         self.qids = []
-        self.summary = {}
+        self.t_split = self.t_scan = None
 
     # -- helpers -----------------------------------------------------------------
     def finding(self):
@@ -76,7 +76,9 @@ class Message:
             if self.structure is not None and self.structure.malformed else "",
             action=action, qid=self.qids, upstream=upstream_reply,
             reply=reply.split(b"\r\n")[-2].decode("ascii", "replace") if reply else "",
-            secs="%.3f" % (time.monotonic() - self.started)))
+            secs="%.3f" % (time.monotonic() - self.started),
+            split_secs="%.3f" % (self.t_split - self.started) if self.t_split else "",
+            scan_secs="%.3f" % (self.t_scan - self.t_split) if self.t_scan else ""))
         return reply, outcome
 
     # -- the steps -----------------------------------------------------------------
@@ -97,7 +99,9 @@ class Message:
             self.verdict = None
             return self.deliver(self.body, "Unscanned (no encoded portion)", "pass-unscanned")
         portions = [p for p in st.portions if p.size > 0]
+        self.t_split = time.monotonic()
         verdicts = self.scan([self.body] + [p.path for p in portions])
+        self.t_scan = time.monotonic()
         if verdicts is None:                                # deadline
             from scanlib.verdict import Unscannable
             verdicts = [Unscannable("unavailable", "scan deadline exceeded")]

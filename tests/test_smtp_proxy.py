@@ -544,3 +544,77 @@ def test_no_starttls_without_certificate(tmp_path, clamd, sink):
         greeting, replies = raw_session(hp, b"EHLO c.example\r\nSTARTTLS\r\nQUIT\r\n")
     assert not any("STARTTLS" in l for l in replies[0][1])
     assert [c for c, _ in replies] == [250, 502, 221]
+
+
+# -- more policy paths ------------------------------------------------------------------
+
+def test_quarantine_full_is_a_temporary_refusal(tmp_path, clamd, sink):
+    text = "action = quarantine\n[quarantine]\ndirectory = %s\nmax_total_size = 10\n" % (
+        tmp_path / "q")
+    os.makedirs(str(tmp_path / "q"), mode=0o750)
+    with proxy(tmp_path, clamd, sink.upstream, text) as hp:
+        err, _ = send(hp, MULTI)
+    assert err is not None and err.smtp_code == 451 and sink.messages == []
+
+
+def test_on_malformed_quarantine_holds(tmp_path, clamd, sink):
+    harmless = case("B08a-duplicate-cte-base64-first.eml").replace(
+        b"WDVPIVAlQEFQWzRcUFpYNTQoUF4pN0NDKTd9JEVJQ0FSLVNUQU5EQVJELUFOVElWSVJVUy1URVNU\r\n"
+        b"LUZJTEUhJEgrSCo=", b"aGFybWxlc3M=")
+    with proxy(tmp_path, clamd, sink.upstream, "on_malformed = quarantine\n") as hp:
+        err, reply = send(hp, harmless)
+    assert err is None and sink.messages == []
+    qdir = os.path.join(str(tmp_path), "quarantine")
+    (entry,) = [e for e in os.listdir(qdir) if not e.startswith(".")]
+    meta = json.load(open(os.path.join(qdir, entry, "meta.json")))
+    assert meta["reason"] == "malformed" and meta["rule"] == "smtp.outbound.on_malformed=quarantine"
+    assert open(os.path.join(qdir, entry, "content"), "rb").read() == harmless
+
+
+def test_scan_encoded_skips_plain_messages(tmp_path, clamd, sink):
+    dead = "unix:%s/nonexistent.sock" % tmp_path        # proves no scan was attempted
+    with proxy(tmp_path, clamd, sink.upstream, "scan = encoded\n", scanner=dead) as hp:
+        assert send(hp, CLEAN)[0] is None
+        err, _ = send(hp, MULTI)                         # has encoded portions: scanned
+    assert err.smtp_code == 451
+    content, status = stored(sink.messages[0][2])
+    assert content == CLEAN and "Unscanned" in status and len(sink.messages) == 1
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/time"), reason="needs /usr/bin/time")
+def test_memory_flat_for_a_large_message(tmp_path, clamd, sink):
+    """Peak RSS of one proxy process for a ~27 MB message stays under 40 MB
+    (the body is never held in memory).  Spawned directly on a socketpair
+    so that its rusage can be read."""
+    import base64
+    import subprocess
+    conf = write_config(tmp_path, "[scanner]\nclamd = %s\n[smtp]\nupstream = %s\n"
+                        "local_domains = example.net\n" % (clamd.unix_endpoint, sink.upstream))
+    payload = os.urandom(20 * 1024 * 1024)
+    msg = (b"Subject: big\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=zz\r\n\r\n"
+           b"--zz\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+           + base64.encodebytes(payload).replace(b"\n", b"\r\n") + b"--zz--\r\n")
+    a, b = socket.socketpair()
+    # /usr/bin/time reports the proxy's own peak (a child forked straight
+    # from this big test process would count our pages from before exec).
+    rss_file = str(tmp_path / "rss")
+    p = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", rss_file]
+                         + proxy_argv("virusgw-smtpproxy", conf), stdin=b, stdout=b)
+    b.close()
+    try:
+        d = Dialogue.__new__(Dialogue)
+        d.s, d.buf = a, b""
+        a.settimeout(60)
+        assert d.reply()[0] == 220
+        d.send(b"EHLO c.example\r\nMAIL FROM:<s@example.com>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
+        assert [d.reply()[0] for _ in range(4)] == [250, 250, 250, 354]
+        d.send(stuff(msg))
+        assert d.reply()[0] == 250
+        d.send(b"QUIT\r\n")
+        assert d.reply()[0] == 221
+    finally:
+        a.close()
+        p.wait(timeout=60)
+    peak_kb = int(open(rss_file).read().split()[-1])
+    assert peak_kb < 40 * 1024, peak_kb
+    assert stored(sink.messages[0][2])[0] == msg

@@ -17,7 +17,6 @@ This module is imported by scanlib.cli only; the proxies never import it.
 """
 
 import datetime
-import fnmatch
 import json
 import os
 import sys
@@ -125,12 +124,12 @@ def _when(created):
 
 
 def _who(row):
-    if row.get("protocol") == "ftp":
-        return "%s %s:%s" % (row.get("ftp_user") or "", row.get("ftp_server") or "",
-                             row.get("ftp_path") or row.get("filename") or "")
-    rcpts = row.get("recipients") or []
+    """The table's last column: `<sender> -> rcpt +N` or `ftp user@server:path`."""
+    if row.protocol == "ftp":
+        return row.target
+    rcpts = row.recipients
     more = " +%d" % (len(rcpts) - 1) if len(rcpts) > 1 else ""
-    return "<%s> -> %s%s" % (row.get("sender") or "", rcpts[0] if rcpts else "", more)
+    return "<%s> -> %s%s" % (row.sender or "", rcpts[0] if rcpts else "", more)
 
 
 TABLE = (("ID", 35), ("CREATED (UTC)", 19), ("STATE", 11), ("PROTO", 12), ("SIZE", 6),
@@ -172,11 +171,6 @@ def _time_bound(value, name):
     return q.utc_text(t)
 
 
-def _glob(pattern, values):
-    pattern = pattern.lower()
-    return any(fnmatch.fnmatchcase(str(v).lower(), pattern) for v in values)
-
-
 def _size_arg(value, name):
     import re
     m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)[bB]?\s*", value or "")
@@ -212,33 +206,22 @@ def list_cmd(config_path, since, until, virus, protocol, direction, sender, reci
     since_t = _time_bound(since, "--since")
     until_t = _time_bound(until, "--until")
     ctx = _store(config_path)
+    flt = q.Filter(state=state, protocol=protocol, direction=direction, since=since_t,
+                   until=until_t, virus=virus, sender=sender, recipient=recipient, limit=limit)
     index = q.Index(ctx.store)
+    out = sys.stdout
     try:
-        rows = index.rows({"state": state, "protocol": protocol, "direction": direction},
-                          since_t, until_t)
+        rows = index.select(flt, with_json=as_json)
+        if as_json:
+            out.writelines(r.json + "\n" for r in rows)
+            return
+        out.write(_table_line([t for t, _ in TABLE]) + "\n")
+        for r in rows:
+            proto = "%s/%s" % (r.protocol or "?", (r.direction or "-")[:3])
+            out.write(_table_line([r.id, _when(r.created), r.state, proto, _size(r.size),
+                                   ",".join(r.viruses) or "-", _who(r)]) + "\n")
     finally:
         index.close()
-    out = sys.stdout
-    if not as_json:
-        out.write(_table_line([t for t, _ in TABLE]) + "\n")
-    n = 0
-    for row in rows:
-        if virus and not _glob(virus, row.get("viruses") or []):
-            continue
-        if sender is not None and ("sender" not in row or not _glob(sender, [row["sender"] or ""])):
-            continue
-        if recipient and not _glob(recipient, row.get("recipients") or []):
-            continue
-        if as_json:
-            out.write(json.dumps(row, sort_keys=True) + "\n")
-        else:
-            proto = "%s/%s" % (row.get("protocol") or "?", (row.get("direction") or "-")[:3])
-            out.write(_table_line([row["id"], _when(row.get("created")), row.get("state"), proto,
-                                   _size(row.get("size")), ",".join(row.get("viruses") or []) or "-",
-                                   _who(row)]) + "\n")
-        n += 1
-        if limit and n >= limit:
-            break
 
 
 @quarantine.command("show")
@@ -541,8 +524,7 @@ def reindex(config_path):
     ctx = _store(config_path)
     index = q.Index(ctx.store)
     try:
-        index.rebuild()
-        n = index.db.execute("SELECT count(*) FROM entries").fetchone()[0]
+        n = index.rebuild()
     finally:
         index.close()
     total = ctx.store.recount()

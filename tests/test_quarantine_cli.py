@@ -133,6 +133,8 @@ def test_list_table_for_people(run, env):
     assert "\x1b" not in r.out and "\x07" not in r.out
     line = next(x for x in lines if x.startswith(ids["eicar_in"]))
     assert "quarantined" in line and "smtp/inb" in line and "<alice@outside.example> -> bob@inside.example +1" in line
+    line = next(x for x in lines if x.startswith(ids["ftp"]))
+    assert line.endswith("anonymous@192.0.2.1:/pub/x.exe") and "ftp/inb" in line
 
 
 def test_list_bad_options(run, env):

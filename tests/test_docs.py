@@ -444,3 +444,28 @@ def test_proxy_options_are_the_documented_ones(program, module):
     synopsis = _plain(text.split("\n.SH SYNOPSIS\n", 1)[1].split("\n.SH ", 1)[0])
     for opt in known:
         assert opt in synopsis
+
+
+def _replies_section(page):
+    text = _plain(_read(os.path.join(MAN, page)))
+    return text.split("\n.SS Replies of the proxy's own\n", 1)[1].split("\n.SS ", 1)[0]
+
+
+def test_every_smtp_error_reply_is_documented():
+    """Every 4xx/5xx reply the SMTP proxy makes itself is in its page."""
+    codes = set(int(c) for c in re.findall(r"\bR\((\d{3}),", _read(
+        os.path.join(REPO, "smtpproxy", "replies.py"))))
+    documented = set(int(c) for c in re.findall(r"(?<![\d.])([45]\d\d)(?![\d.])",
+                                                _replies_section("virusgw-smtpproxy.8")))
+    assert sorted(c for c in codes if c >= 400 and c not in documented) == []
+
+
+def test_every_ftp_error_reply_is_documented():
+    """Every 4xx/5xx reply the FTP proxy makes itself is in its page."""
+    source = "".join(_read(os.path.join(REPO, "ftpproxy", n)) for n in sorted(
+        os.listdir(os.path.join(REPO, "ftpproxy"))) if n.endswith(".py"))
+    codes = set(int(c) for c in re.findall(r"\b_?r\((\d{3})\b", source))
+    codes |= set(int(c) for c in re.findall(r"CommandError\((\d{3})", source))
+    documented = set(int(c) for c in re.findall(r"(?<![\d.])([45]\d\d)(?![\d.])",
+                                                _replies_section("virusgw-ftpproxy.8")))
+    assert sorted(c for c in codes if c >= 400 and c not in documented) == []

@@ -44,6 +44,7 @@ class Message:
         self.structure = None
         self.verdict = None
         self.qids = []
+        self.scanner = None
         self.t_split = self.t_scan = None
 
     # -- helpers -----------------------------------------------------------------
@@ -115,7 +116,7 @@ class Message:
     def scan(self, items):
         """Verdicts for items, or None when the deadline passed first."""
         from scanlib.scanner import Scanner
-        scanner = Scanner.from_config(self.conf["scanner"])
+        self.scanner = scanner = Scanner.from_config(self.conf["scanner"])
         up = self.p.upstream
         quiet_upstream = up is None or up.kind != "smtp" or scanner.timeout < self.view["keepalive"]
         if len(items) == 1 and quiet_upstream and \
@@ -177,7 +178,7 @@ class Message:
             "message_id": getattr(st, "message_id", "") if st else "",
             "viruses": list(viruses), "action": action, "reason": reason,
             "rule": self.rule(reason, action),
-            "scanner_version": "",
+            "scanner_version": self.scanner.version() if self.scanner is not None else "",
         }
         if portion is not None:
             meta.update(portion=portion.index, content_type=portion.content_type,

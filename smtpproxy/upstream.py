@@ -88,7 +88,22 @@ class Upstream:
         import socket
         from scanlib.config import split_hostport
         host, port = split_hostport(self.spec[len("smtp:"):], 25)
-        s = socket.create_connection((host, port), timeout=self.connect_timeout)
+        try:
+            import ipaddress
+            family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        except ValueError:
+            family = None
+        if family is None:
+            s = socket.create_connection((host, port), timeout=self.connect_timeout)
+        else:
+            # An address literal: no resolver, no IDNA codec (every connection pays for imports).
+            s = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                s.settimeout(self.connect_timeout)
+                s.connect((host, port))
+            except OSError:
+                s.close()
+                raise
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         s.setblocking(False)
         self.sock = s

@@ -15,7 +15,7 @@ import pytest
 
 from tests.rig.activate import activated, proxy_argv, write_config
 from tests.rig.clamd import EICAR, EICAR_NAME
-from tests.rig.ftp import PyFtpd, Raw, recv_all, vsftpd_config, VSFTPD
+from tests.rig.ftp import PyFtpd, Raw, vsftpd_config, VSFTPD
 
 CURL = shutil.which("curl") or "/usr/bin/curl"
 LFTP = shutil.which("lftp") or "/usr/bin/lftp"
@@ -176,14 +176,8 @@ def test_vsftpd_command_mode(setup, tmp_path):
     import tempfile
     vdir = tempfile.mkdtemp(prefix="vgw-vsftpd-", dir="/tmp")
     try:
-        conf, anon = vsftpd_config(vdir, pasv=(int(passive_range().split("-")[0]),) * 2)
         base = random.randrange(38000, 38900)
-        with open(conf) as f:
-            text = f.read()
-        text = text.replace("pasv_min_port=", "pasv_min_port=%d\n#" % base).replace(
-            "pasv_max_port=", "pasv_max_port=%d\n#" % (base + 50))
-        with open(conf, "w") as f:
-            f.write(text)
+        conf, anon = vsftpd_config(vdir, pasv=(base, base + 50))
         with open(os.path.join(anon, "hello.txt"), "wb") as f:
             f.write(b"from vsftpd\n")
         with open(os.path.join(anon, "eicar.com"), "wb") as f:

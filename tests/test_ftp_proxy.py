@@ -5,7 +5,6 @@ here with its expected outcome."""
 
 import contextlib
 import ftplib
-import hashlib
 import io
 import json
 import os

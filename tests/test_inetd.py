@@ -219,15 +219,16 @@ def shipped_inetd_lines():
 
 
 @contextlib.contextmanager
-def inetd(lines, directory):
-    """Run openbsd-inetd on these lines in the foreground; yields its pid."""
+def inetd(lines, directory, rate=100000):
+    """Run openbsd-inetd on these lines in the foreground, with -R rate
+    (None: inetd's default, 256); yields its pid."""
     if not os.access(INETD, os.X_OK):
         pytest.fail("openbsd-inetd is not installed (make test installs it)")
     path = os.path.join(directory, "inetd.conf")
     with open(path, "w") as f:
         f.write("".join("\t".join(l) + "\n" for l in lines))
     log = open(os.path.join(directory, "inetd.out"), "wb")
-    proc = subprocess.Popen([INETD, "-d", "-i", "-R", "100000", path],
+    proc = subprocess.Popen([INETD, "-d", "-i"] + (["-R", str(rate)] if rate else []) + [path],
                             stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                             start_new_session=True)
     try:
@@ -413,3 +414,33 @@ def test_demo_keep_leaves_it_running_until_its_stop_script():
         wait_until(lambda: procs.matching(work) == [], timeout=30,
                    what="the demo's processes to stop")
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_shipped_spawn_limit_outlasts_inetds_default():
+    """openbsd-inetd stops a service for ten minutes after 256 spawns in a
+    minute unless the line says nowait.N: with the shipped wait field a
+    burst of 300 connections is served, with plain `nowait` it is not.
+    (/bin/true stands in for the proxy: what is tested is inetd's limit.)"""
+    _need_root()
+    shipped_wait = shipped_inetd_lines()["smtp"][3]
+    assert int(shipped_wait.split(".")[1]) > 300
+    d = tempfile.mkdtemp(prefix="virusgw-inetd-rate-")
+    try:
+        results = {}
+        for wait in (shipped_wait, "nowait"):
+            port = free_port()
+            line = ["127.0.0.1:%d" % port, "stream", "tcp", wait, "root", "/bin/true", "true"]
+            with inetd([line], d, rate=None):
+                served = 0
+                for _ in range(300):
+                    try:
+                        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                            s.recv(1)
+                        served += 1
+                    except OSError:
+                        break
+                results[wait] = served
+        assert results[shipped_wait] == 300
+        assert results["nowait"] < 300
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -561,6 +561,27 @@ class Bench:
         log("profile: per-step times, -X importtime, cProfile, pyinstrument")
         self.res["profile"] = profile_vgw.run(self)
 
+    def section_extras(self):
+        """The benchmarks others wrote beside this one (by hand, or with
+        --extras): their own output, kept in the JSON."""
+        runs = [("scan_big", ["--size-mib", "256" if self.quick else "1024"]),
+                ("quarantine_list", ["--entries", "5000" if self.quick else "100000",
+                                     "--rounds", "1" if self.quick else "3"])]
+        out = {}
+        for name, extra in runs:
+            path = os.path.join(HERE, name + ".py")
+            if not os.path.exists(path):
+                continue
+            log("extra: %s %s" % (name, " ".join(extra)))
+            try:
+                r = subprocess.run([VPY, path] + extra, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, timeout=900)
+                text = r.stdout.decode("utf-8", "replace").strip().splitlines()
+                out[name] = {"exit": r.returncode, "output": text[-40:]}
+            except subprocess.TimeoutExpired:
+                out[name] = {"exit": None, "output": ["timed out after 900 s"]}
+        self.res["extras"] = out
+
     # -- bookkeeping -----------------------------------------------------------
     def target(self, name, value, limit, unit, lower=True, strict=False):
         if value is None:
@@ -578,6 +599,8 @@ class Bench:
             sections = [s for s in sections if s in self.args.only.split(",")]
         if self.args.no_profile and "profile" in sections:
             sections.remove("profile")
+        if self.args.extras:
+            sections.append("extras")
         t0 = time.monotonic()
         with self.stack:
             self.setup()
@@ -770,6 +793,10 @@ def table(res):
         lines.append("")
         lines.append("notes:")
         lines.extend("  " + n for n in res["notes"])
+    for name, e in (res.get("extras") or {}).items():
+        lines.append("")
+        lines.append("%s (exit %s):" % (name, e["exit"]))
+        lines.extend("  " + x for x in e["output"][-15:])
     p = res.get("profile") or {}
     if p.get("summary"):
         lines.append("")
@@ -787,6 +814,8 @@ def main(argv=None):
     ap.add_argument("--no-peers", action="store_true", help="skip clamsmtp and amavis")
     ap.add_argument("--no-profile", action="store_true", help="skip the profile section")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (logs)")
+    ap.add_argument("--extras", action="store_true",
+                    help="also run scan_big.py and quarantine_list.py (several minutes more)")
     ap.add_argument("--json", default=os.path.join(HERE, "results.json"))
     args = ap.parse_args(argv)
     if not shutil.which("systemd-socket-activate") and not os.path.exists(act.ACTIVATE):

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 
-from tests.rig.activate import wait_until
 
 USER, PASSWORD = "user", "secret"
 
@@ -204,7 +203,6 @@ class Raw:
         return int(text[text.index("(|||") + 4:text.index("|)")])
 
     def data_connect(self, port):
-        family = self.sock.family
         host = self.sock.getpeername()[0]
         s = socket.create_connection((host, port), timeout=self.timeout)
         return s

@@ -730,3 +730,54 @@ def test_server_refusal_after_scan_relayed(proxy, ftpd):
     with pytest.raises(ftplib.error_perm):
         f.retrbinary("RETR no-such-file", lambda b: None)
     assert f.voidcmd("NOOP").startswith("200")
+
+
+# -- the case scripts replayed: every C> line with a P< answer ------------------------------
+
+CASES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cases")
+
+
+def script_steps(name):
+    """(bytes to send, allowed reply codes) for each 'C>' line of a case
+    script followed by a 'P<' line.  The documentation addresses become
+    the test's: the client 192.0.2.10 is 127.0.0.1 here."""
+    import re as _re
+    steps, pending = [], None
+    with open(os.path.join(CASES, name), encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("C> "):
+                text = line[3:].split("   #")[0].split("  #")[0].rstrip()
+                text = text.replace("192,0,2,10", "127,0,0,1").replace("192.0.2.10", "127.0.0.1")
+                raw = text.encode().replace(b"\\r", b"\r").replace(b"\\n", b"\n").replace(
+                    b"\\0", b"\0")
+                if not raw.endswith(b"\r\n"):
+                    raw += b"\r\n"
+                pending = raw
+            elif line.startswith("P< ") and pending is not None:
+                codes = {int(line[3:6])}
+                codes |= {int(c) for c in _re.findall(r"\bor (\d{3})\b", line)}
+                steps.append((pending, codes))
+                pending = None
+    return steps
+
+
+@pytest.mark.parametrize("case", ["B29-ftp-bounce-port-eprt.ftp.txt",
+                                  "B32-ftp-crlf-nul-command-injection.ftp.txt"])
+def test_case_script_replayed(proxy, ftpd, case):
+    steps = script_steps(case)
+    assert len(steps) >= 3
+    hp = proxy()
+    r = Raw(*hp)
+    r.login()
+    for raw, codes in steps:
+        r.send(raw)
+        code, lines = r.reply()
+        assert code in codes, (raw, lines)
+    if case.startswith("B29"):
+        # the last step set PORT to 127.0.0.1:50000; the infected RETR is
+        # refused before any connection is attempted (nothing listens there)
+        code, lines = r.cmd("RETR eicar.com")
+        assert code == 550 and EICAR_NAME in "\n".join(lines)
+    else:
+        assert server_file(ftpd, "important.txt") == b"keep me\n"
+    assert r.cmd("NOOP")[0] == 200

@@ -52,6 +52,21 @@ class Message:
         v = self.verdict
         return str(v) if v is not None else "not scanned"
 
+    def details(self, limit=8):
+        """One line per scan unit that was not clean, for the reply's
+        continuation lines: what the scanner said about each."""
+        out = []
+        whole = getattr(self, "whole", None)
+        if whole is not None and not whole.clean:
+            out.append("message: %s" % whole)
+        for p, v in getattr(self, "parts", ()):
+            if not v.clean:
+                name = ' "%s"' % p.filename if p.filename else ""
+                out.append("part %s%s: %s" % (p.index, name, v))
+        if len(out) > limit:
+            out = out[:limit] + ["and %d more" % (len(out) - limit)]
+        return out
+
     def reply(self, code, status, text, extra=()):
         lines = ["%s %s" % (status, t) if status else t for t in list(extra) + [text]]
         return R.reply(code, lines)
@@ -222,7 +237,7 @@ class Message:
             text = "cannot scan now, try again later: %s" % self.finding()
         else:
             text = "message refused: %s" % self.finding()
-        return self.done(self.reply(d.code, d.status, text), "blocked", d.action)
+        return self.done(self.reply(d.code, d.status, text, self.details()), "blocked", d.action)
 
     def hold(self, d):
         """on_unscannable/on_malformed = quarantine: keep it, deliver nothing."""

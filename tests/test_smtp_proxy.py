@@ -237,6 +237,9 @@ def test_b26_size_limit_strongest_wins(tmp_path, clamd_small, sink):
     with proxy(tmp_path, clamd_small, sink.upstream) as hp:
         err, _ = send(hp, raw)
     assert err is not None and err.smtp_code == 554 and EICAR_NAME.encode() in err.smtp_error
+    # the reply names each finding: the infected part and the one over the size limit
+    assert b'part 1.3 "eicar.com": infected' in err.smtp_error
+    assert b'part 1.2 "filler.bin": unscannable (size-limit' in err.smtp_error
 
 
 # -- actions --------------------------------------------------------------------------

@@ -781,3 +781,28 @@ def test_case_script_replayed(proxy, ftpd, case):
     else:
         assert server_file(ftpd, "important.txt") == b"keep me\n"
     assert r.cmd("NOOP")[0] == 200
+
+
+@pytest.mark.parametrize("how,up_code,down_code", [("reject", 552, 550), ("quarantine", 552, 550),
+                                                   ("pass", 226, 226)])
+def test_unscannable_size_limit(tmp_path, clamd, ftpd, how, up_code, down_code):
+    conf = write_config(tmp_path, "[scanner]\nclamd = %s\nmax_size = 1000\non_unscannable = %s\n"
+                        "[smtp]\nmax_message_size = 1000\n"
+                        "[ftp]\nupstream = tcp:127.0.0.1:%d\npassive_ports = %s\n"
+                        % (", ".join(clamd.endpoints), how, ftpd.port, passive_range()))
+    with activated(proxy_argv("virusgw-ftpproxy", conf)) as hp:
+        f = client(hp)
+        name = "big-%s.bin" % how
+        try:
+            resp = f.storbinary("STOR " + name, io.BytesIO(b"z" * 5000))
+        except ftplib.error_perm as e:
+            resp = str(e)
+        assert int(resp[:3]) == up_code and "size-limit" in resp, resp
+        if how == "quarantine":
+            assert "Quarantined as" in resp
+        assert (server_file(ftpd, name) is not None) == (how == "pass")
+        try:
+            resp = f.retrbinary("RETR clean.bin", lambda b: None)
+        except ftplib.error_perm as e:
+            resp = str(e)
+        assert int(resp[:3]) == down_code and "size-limit" in resp, resp

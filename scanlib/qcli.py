@@ -83,6 +83,10 @@ def _errors(fn):
             fail(codes.TEMPFAIL, str(e))
         except OSError as e:
             fail(codes.TEMPFAIL, "%s%s" % (e.strerror or e, ": %s" % e.filename if e.filename else ""))
+        except Exception as e:
+            if type(e).__module__ != "sqlite3":
+                raise
+            fail(codes.TEMPFAIL, "quarantine index: %s (virusgw quarantine reindex rebuilds it)" % e)
     return wrapped
 
 
@@ -298,7 +302,7 @@ def _who_runs():
 def _entry_lock(store, qid):
     """An exclusive, non-blocking lock on one entry for the release."""
     import fcntl
-    fd = os.open(store.path(qid), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = os.open(store.entry(qid), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -322,9 +326,6 @@ def release(config_path, qid, to, output, force):
     _check(qid)
     ctx = _store(config_path)
     store = ctx.store
-    lock = None
-    if not store.exists(qid):
-        fail(codes.NOT_FOUND, "no quarantine entry %s" % qid)
     lock = _entry_lock(store, qid)
     try:
         meta = store.get(qid)
@@ -485,7 +486,7 @@ def purge(config_path, older_than, max_size, dry_run):
         sizes = {}
         for qid in keep:
             try:
-                sizes[qid] = os.stat(store.content_path(qid)).st_size
+                sizes[qid] = os.lstat(store.content_path(qid)).st_size
             except OSError:
                 sizes[qid] = 0
         total = sum(sizes.values())

@@ -270,7 +270,7 @@ class Store:
         total = 0
         for qid in self.ids():
             try:
-                total += os.stat(self.content_path(qid)).st_size
+                total += os.lstat(self.content_path(qid)).st_size
             except OSError:
                 pass
         return total
@@ -401,35 +401,63 @@ class Store:
                       reverse=True)
 
     def exists(self, qid):
-        return os.path.isdir(self.path(qid))
-
-    def get(self, qid):
-        """The meta.json record of one entry; NotFound if absent."""
-        path = self.path(qid, META)
+        """A real entry directory (a symlink planted in the store is not)."""
+        import stat
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            return stat.S_ISDIR(os.lstat(self.path(qid)).st_mode)
+        except FileNotFoundError:
+            return False
+
+    def entry(self, qid):
+        """The path of an existing entry directory.  NotFound when absent;
+        QuarantineError when it is not a real directory: root's CLI never
+        follows a symlink the proxies' user could have planted."""
+        import stat
+        path = self.path(qid)
+        try:
+            st = os.lstat(path)
         except FileNotFoundError:
             raise NotFound("no quarantine entry %s" % qid)
         except OSError as e:
+            raise QuarantineError("cannot read entry %s: %s" % (qid, e.strerror or e))
+        if not stat.S_ISDIR(st.st_mode):
+            raise QuarantineError("entry %s is not a directory" % qid)
+        return path
+
+    def _open(self, qid, name):
+        """A file of an entry, opened read-only without following symlinks."""
+        path = os.path.join(self.entry(qid), name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            raise QuarantineError("entry %s has no %s" % (qid, name))
+        except OSError as e:
             raise QuarantineError("cannot read %s: %s" % (path, e.strerror or e))
+        import stat
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise QuarantineError("%s is not a regular file" % path)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+
+    def get(self, qid):
+        """The meta.json record of one entry; NotFound if absent."""
+        with self._open(qid, META) as f:
+            try:
+                data = f.read()
+            except OSError as e:
+                raise QuarantineError("cannot read %s/%s: %s" % (qid, META, e.strerror or e))
         try:
             meta = json.loads(data.decode("utf-8"))
         except ValueError as e:
-            raise QuarantineError("damaged %s: %s" % (path, e))
+            raise QuarantineError("damaged %s/%s: %s" % (qid, META, e))
         if not isinstance(meta, dict):
-            raise QuarantineError("damaged %s: not an object" % path)
+            raise QuarantineError("damaged %s/%s: not an object" % (qid, META))
         return meta
 
     def open_content(self, qid):
-        try:
-            return open(self.content_path(qid), "rb")
-        except FileNotFoundError:
-            if not self.exists(qid):
-                raise NotFound("no quarantine entry %s" % qid)
-            raise QuarantineError("entry %s has no content" % qid)
-        except OSError as e:
-            raise QuarantineError("cannot read entry %s: %s" % (qid, e.strerror or e))
+        """The entry's bytes, a binary file opened for reading."""
+        return self._open(qid, CONTENT)
 
     # -- changes (the CLI) ----------------------------------------------------------
 
@@ -444,7 +472,7 @@ class Store:
             if new is None:
                 new = meta
             new["id"] = qid
-            entry = self.path(qid)
+            entry = self.entry(qid)
             tmp = os.path.join(entry, ".meta.%s.tmp" % os.urandom(4).hex())
             try:
                 _write_file(tmp, _dump(new), self)
@@ -463,9 +491,11 @@ class Store:
         fd = self._lock()
         try:
             entry = self.path(qid)
+            if not os.path.lexists(entry):
+                raise NotFound("no quarantine entry %s" % qid)
             size = 0
             try:
-                size = os.stat(os.path.join(entry, CONTENT)).st_size
+                size = os.lstat(os.path.join(entry, CONTENT)).st_size
             except OSError:
                 pass
             gone = os.path.join(self.directory, DEL_PREFIX + qid)
@@ -483,7 +513,10 @@ class Store:
                     pass
         finally:
             self._unlock(fd)
-        shutil.rmtree(gone, ignore_errors=True)
+        if os.path.islink(gone):
+            _unlink(gone)                 # never follow what someone planted
+        else:
+            shutil.rmtree(gone, ignore_errors=True)
         return size
 
     def leftovers(self, older_than=3600, now=None):

@@ -304,3 +304,68 @@ def test_help_lists_the_commands(run):
     assert r.code == 0
     for name in ("list", "show", "release", "delete", "purge", "reindex"):
         assert name in r.out
+
+
+def test_planted_symlinks_are_never_followed(env, tmp_path):
+    conf, store = env
+    populate(store)
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "content").write_bytes(b"not for you")
+    (secret / "meta.json").write_text('{"protocol": "ftp"}')
+    fake = "20261203-171012-123456-3f9a1c2b7d8e"
+    os.symlink(str(secret), os.path.join(store.directory, fake))
+    real = store.add(io.BytesIO(b"x"), {"protocol": "ftp"})
+    os.unlink(store.content_path(real))
+    os.symlink(str(secret / "content"), store.content_path(real))
+    for qid in (fake, real):
+        r = run_runner(["quarantine", "show", "-c", conf, qid, "--content"])
+        assert r.code == 75 and b"not for you" not in r.outb, r
+        r = run_runner(["quarantine", "release", "-c", conf, qid, "--output", str(tmp_path / "o")])
+        assert r.code == 75 and not os.path.exists(str(tmp_path / "o")), r
+    r = run_runner(["quarantine", "delete", "-c", conf, "--yes", fake, real])
+    assert r.code == 0, r
+    assert sorted(os.listdir(str(secret))) == ["content", "meta.json"]     # untouched
+    assert not os.path.lexists(os.path.join(store.directory, fake))
+
+
+DROP = "import os, sys; os.setgroups([]); os.setgid(65534); os.setuid(65534); " \
+       "sys.argv[0] = 'virusgw'; from scanlib.cli import main; main(prog_name='virusgw')"
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another user")
+def test_group_member_lists_read_only(tmp_path):
+    """A member of [quarantine] group may read but not write the store: list
+    still sees every entry (read-only index + what it reads itself)."""
+    import tempfile
+    base = tempfile.mkdtemp(prefix="virusgw-qro-")        # pytest's tmp root is 0700
+    try:
+        os.chmod(base, 0o755)
+        qdir = os.path.join(base, "quarantine")
+        conf = os.path.join(base, "virusgw.conf")
+        with open(conf, "w") as f:
+            f.write("[quarantine]\ndirectory = %s\ngroup = 65534\n[spool]\ndirectory = %s\n"
+                    "[log]\nfile = %s/log\n" % (qdir, base, base))
+        os.chmod(conf, 0o644)
+        store = Store(qdir, group="65534")
+        old = store.add(io.BytesIO(b"a"), {"protocol": "ftp", "action": "quarantine"})
+
+        def as_member(*args):
+            p = subprocess.run([sys.executable, "-c", DROP, "quarantine"] + list(args) + ["-c", conf],
+                               capture_output=True, timeout=120, cwd=os.path.dirname(
+                                   os.path.dirname(os.path.abspath(__file__))))
+            return Result(p.returncode, p.stdout, p.stderr.decode("utf-8", "replace"))
+        r = as_member("list", "--json")                     # no index, cannot make one
+        assert r.code == 0 and [json.loads(x)["id"] for x in r.out.splitlines()] == [old], r
+        assert not os.path.exists(os.path.join(qdir, q.INDEX_NAME))
+        assert run_runner(["quarantine", "list", "-c", conf]).code == 0     # root builds it
+        new = store.add(io.BytesIO(b"b"), {"protocol": "ftp", "action": "delete"})
+        shutil.rmtree(store.path(old))
+        r = as_member("list", "--json")                     # read-only index + the files
+        assert r.code == 0 and [json.loads(x)["id"] for x in r.out.splitlines()] == [new], r
+        r = as_member("show", new, "--content")
+        assert r.code == 0 and r.outb == b"b", r
+        r = as_member("delete", "--yes", new)
+        assert r.code == 75 and store.exists(new), r
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

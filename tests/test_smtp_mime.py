@@ -4,6 +4,8 @@ must come out whole), what is called malformed, and that the result does
 not depend on how the file is cut into blocks."""
 
 import base64
+import email
+import email.policy
 import binascii
 import io
 import os
@@ -180,3 +182,87 @@ def test_hostile_soup_never_crashes(data):
             assert os.path.exists(p.path)
         assert st.root is not None
         s.cleanup()
+
+
+# -- differential: where Python's email package finds the virus, so must we (or malformed) --
+
+def _leaf(enc, ctype):
+    if enc == "base64":
+        body = base64.encodebytes(EICAR).replace(b"\n", b"\r\n")
+    elif enc == "quoted-printable":
+        body = binascii.b2a_qp(EICAR).replace(b"\n", b"\r\n") + b"\r\n"
+    else:
+        body = EICAR + b"\r\n"
+    return (b"Content-Type: " + ctype + b"\r\nContent-Transfer-Encoding: " + enc.encode()
+            + b"\r\n\r\n" + body)
+
+
+@st.composite
+def messages(draw):
+    depth = draw(st.integers(0, 3))
+    enc = draw(st.sampled_from(["base64", "quoted-printable", "7bit"]))
+    ctype = draw(st.sampled_from([b"application/octet-stream", b"image/gif", b"text/plain"]))
+    part = _leaf(enc, ctype)
+    for i in range(depth):
+        b = draw(st.sampled_from([b"a", b"b'(x)", b"=_1", b"zz" * 20])) + b"%d" % i
+        quote = draw(st.booleans())
+        siblings = draw(st.integers(0, 2))
+        kids = [b"Content-Type: text/plain\r\n\r\nfiller %d\r\n" % k for k in range(siblings)]
+        kids.insert(draw(st.integers(0, len(kids))), part)
+        head = b"Content-Type: multipart/mixed; boundary=" + (b'"%s"' % b if quote else b)
+        if draw(st.booleans()):
+            head = b"Content-Type: message/rfc822\r\n\r\nSubject: inner\r\n" + head
+        part = head + b"\r\n\r\n" + b"".join(b"--" + b + b"\r\n" + k + b"\r\n" for k in kids) \
+            + b"--" + b + b"--\r\n"
+    return b"Subject: gen\r\nMIME-Version: 1.0\r\n" + part
+
+
+def _mutate(data, ops):
+    lines = data.split(b"\r\n")
+    for op, at in ops:
+        i = at % len(lines)
+        if op == "drop":
+            del lines[i]
+        elif op == "dup":
+            lines.insert(i, lines[i])
+        elif op == "junk":
+            lines.insert(i, b"--junk")
+        elif op == "space":
+            lines[i] = b" " + lines[i]
+        elif op == "bare":
+            lines[i] = lines[i] + b"\n"
+        if not lines:
+            lines = [b""]
+    return b"\r\n".join(lines)
+
+
+def _python_finds(data):
+    """Does the email package's reading decode EICAR out of some part
+    where the raw bytes do not show it (raw ones the whole-message scan
+    sees anyway)?"""
+    if EICAR in data:
+        return False
+    msg = email.message_from_bytes(data, policy=email.policy.compat32)
+    for part in msg.walk():
+        if part.is_multipart():
+            continue
+        payload = part.get_payload(decode=True)
+        if isinstance(payload, bytes) and EICAR in payload:
+            return True
+    return False
+
+
+@settings(max_examples=300)
+@given(messages(), st.lists(st.tuples(st.sampled_from(["drop", "dup", "junk", "space", "bare"]),
+                                      st.integers(0, 10 ** 6)), max_size=3))
+def test_differential_against_python_email(data, ops):
+    import tempfile
+    data = _mutate(data, ops)
+    if not _python_finds(data):
+        return
+    with tempfile.TemporaryDirectory() as d:
+        s = Spool(d)
+        st_ = mime.split(io.BytesIO(data), s)
+        ours = found(st_)
+        s.cleanup()
+    assert ours or st_.malformed, data

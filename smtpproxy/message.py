@@ -319,5 +319,6 @@ class Message:
             status_code = lines[-1].split(" ", 1)[0] if lines and lines[-1][:2] == "2." else ""
             note = "%s virusgw: %s" % (status_code or "2.0.0", status)
             return self.done(R.reply(code, [note] + lines), "delivered", action, up_text)
+        self.rset_upstream()                    # whatever it kept of the transaction goes
         return self.done(R.reply(code, lines), "upstream-refused", action, up_text)
 

@@ -4,7 +4,6 @@ blocked copy) and the FTP proxy (a quarantined download), each spawned by
 systemd-socket-activate with the real clamd; releases go through the real
 bin/virusgw to an aiosmtpd sink or to a file."""
 
-import contextlib
 import email
 import email.policy
 import ftplib

@@ -10,7 +10,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 
 import pytest

@@ -806,3 +806,76 @@ def test_unscannable_size_limit(tmp_path, clamd, ftpd, how, up_code, down_code):
         except ftplib.error_perm as e:
             resp = str(e)
         assert int(resp[:3]) == down_code and "size-limit" in resp, resp
+
+
+# -- hostile or unusual servers -------------------------------------------------------
+
+def test_server_227_address_never_trusted(tmp_path, clamd, ftpd):
+    """A server that refuses EPSV and names a foreign host in its 227: the
+    proxy falls back to PASV and connects to the server's control address."""
+    root = tmp_path / "liar"
+    root.mkdir()
+    (root / "f.txt").write_bytes(b"from the liar\n")
+    with PyFtpd(root, masquerade="192.0.2.1", no_epsv=True) as liar:
+        conf = write_config(tmp_path, "[scanner]\nclamd = %s\n[ftp]\nupstream = tcp:127.0.0.1:%d\n"
+                            "passive_ports = %s\ndata_timeout = 5\n"
+                            % (", ".join(clamd.endpoints), liar.port, passive_range()))
+        with activated(proxy_argv("virusgw-ftpproxy", conf)) as hp:
+            f = client(hp)
+            out = io.BytesIO()
+            assert f.retrbinary("RETR f.txt", out.write).startswith("226")
+            assert out.getvalue() == b"from the liar\n"
+            assert f.storbinary("STOR g.txt", io.BytesIO(b"up")).startswith("226")
+            assert (root / "g.txt").read_bytes() == b"up"
+
+
+def test_server_speaking_garbage_is_421(tmp_path, clamd):
+    import threading
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(4)
+    lst.settimeout(20)
+
+    def serve():
+        try:
+            c, _ = lst.accept()
+        except OSError:
+            return
+        c.sendall(b"220 hello\r\n")
+        c.recv(100)
+        c.sendall(b"this is not ftp\r\n")
+        time.sleep(1)
+        c.close()
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    conf = write_config(tmp_path, "[scanner]\nclamd = %s\n[ftp]\nupstream = tcp:127.0.0.1:%d\n"
+                        % (", ".join(clamd.endpoints), lst.getsockname()[1]))
+    try:
+        with activated(proxy_argv("virusgw-ftpproxy", conf)) as hp:
+            r = Raw(*hp)
+            assert r.reply()[0] == 220
+            code, lines = r.cmd("USER x")
+            assert code == 421, lines
+            with pytest.raises((EOFError, OSError)):
+                r.cmd("NOOP")
+    finally:
+        lst.close()
+        th.join(5)
+
+
+def test_hostile_client_bytes_never_crash(proxy):
+    """Arbitrary bytes on the control connection get replies, never a
+    traceback or a dead session."""
+    import random as _r
+    rnd = _r.Random(4)
+    hp = proxy()
+    r = Raw(*hp)
+    r.login()
+    for _ in range(60):
+        junk = bytes(rnd.randrange(256) for _ in range(rnd.randrange(1, 40)))
+        junk = junk.replace(b"\r\n", b"").replace(b"\xff", b"")   # IAC SB would swallow the CRLF
+        r.send(junk + b"\r\n")
+        code, lines = r.reply()
+        assert 200 <= code < 600 and code != 421, (junk, lines)
+        assert not any("Traceback" in l for l in lines)
+    assert r.cmd("NOOP")[0] == 200

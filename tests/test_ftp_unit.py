@@ -440,3 +440,22 @@ def test_policy_matrix(upload, action, on_unscannable, on_unavailable):
     want = {"tempfail": ("tempfail", 451), "reject": ("reject", 550),
             "pass": ("pass", None)}[on_unavailable]
     assert (d["down"].action, d["down"].code) == want
+
+
+@given(st.lists(st.binary(max_size=60), max_size=30), st.sampled_from(["userhost", "tcp", "command"]),
+       st.sampled_from([S.INIT, S.AUTH, S.READY]))
+def test_session_total_on_hostile_lines(lines, mode, state):
+    """Any line in any state gives exactly one action, never an exception;
+    a relayed line is exactly the client's line and never holds CR/LF/NUL."""
+    s = S.Session(mode, "127.0.0.1", site_allow=["CHMOD"])
+    s.state = state
+    for line in lines:
+        a = s.handle(line)
+        assert a is not None
+        if isinstance(a, S.Relay):
+            assert a.line == line
+            assert not any(c in line for c in (b"\r", b"\n", b"\0"))
+            assert S.COMMANDS[a.verb].kind in ("relay", "site", "opts")
+        if isinstance(a, S.Reply):
+            assert a.data.endswith(b"\r\n") and a.data[:3].isdigit()
+            assert a.data.count(b"\r\n") == 1 or a.data[3:4] == b"-"

@@ -27,12 +27,17 @@ from pyftpdlib.authorizers import DummyAuthorizer
 from pyftpdlib.handlers import FTPHandler
 from pyftpdlib.servers import FTPServer
 root, host, port, lo, hi = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+masquerade, no_epsv = sys.argv[6], sys.argv[7] == "1"
 logging.basicConfig(level=logging.WARNING)
 a = DummyAuthorizer()
 a.add_user("user", "secret", root, perm="elradfmwMT")
 a.add_anonymous(root)
 class H(FTPHandler):
-    pass
+    if no_epsv:
+        def ftp_EPSV(self, line):
+            self.respond("502 EPSV disabled for this test.")
+if masquerade:
+    H.masquerade_address = masquerade
 H.authorizer = a
 H.passive_ports = range(lo, hi + 1)
 H.permit_foreign_addresses = True
@@ -56,16 +61,21 @@ def _free_range(n=50):
 
 
 class PyFtpd:
-    def __init__(self, root, host="127.0.0.1"):
+    def __init__(self, root, host="127.0.0.1", masquerade="", no_epsv=False):
+        """masquerade: the address its 227 replies name (a lying server);
+        no_epsv: refuse EPSV (clients must fall back to PASV)."""
         self.root = str(root)
         self.host = host
+        self.masquerade = masquerade
+        self.no_epsv = no_epsv
         self.port = None
         self.proc = None
 
     def start(self):
         lo, hi = _free_range()
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _SERVER, self.root, self.host, "0", str(lo), str(hi)],
+            [sys.executable, "-c", _SERVER, self.root, self.host, "0", str(lo), str(hi),
+             self.masquerade, "1" if self.no_epsv else "0"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
             start_new_session=True)
         line = self.proc.stdout.readline().decode()

@@ -325,6 +325,13 @@ class Store:
             for k in LIST_KEYS:
                 if k in record and not isinstance(record[k], list):
                     record[k] = [] if record[k] in (None, "") else [record[k]]
+            qid = new_id()
+            record.update(id=qid, created=utc_text(id_time(qid)), size=size,
+                          sha256=digest, state=initial_state(meta), history=[])
+            _write_file(os.path.join(tmp, META), _dump(record), self)
+            self._own(tmp, DIR_MODE)
+            _fsync_dir(tmp)
+            # only the size check, the rename and the ledger need the lock
             fd = self._lock()
             try:
                 if self.max_total_size:
@@ -335,15 +342,8 @@ class Store:
                             % (used, size, self.max_total_size))
                 else:
                     used = self._read_usage()
-                qid = new_id()
-                record.update(id=qid, created=utc_text(id_time(qid)), size=size,
-                              sha256=digest, state=initial_state(meta), history=[])
-                _write_file(os.path.join(tmp, META), _dump(record), self)
-                self._own(tmp, DIR_MODE)
-                _fsync_dir(tmp)
                 _publish(tmp, self.path(qid))
                 tmp = None
-                _fsync_dir(self.directory)
                 if used is not None:
                     try:
                         self._write_usage(used + size)
@@ -351,6 +351,7 @@ class Store:
                         pass
             finally:
                 self._unlock(fd)
+            _fsync_dir(self.directory)
             return qid
         finally:
             if tmp is not None:

@@ -369,3 +369,30 @@ def test_group_member_lists_read_only(tmp_path):
         assert r.code == 75 and store.exists(new), r
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_show_content_refuses_a_terminal(env):
+    import pty
+    conf, store = env
+    qid = store.add(io.BytesIO(b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR"), {"protocol": "ftp"})
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.run([VIRUSGW, "quarantine", "show", "-c", conf, qid, "--content"],
+                           stdout=slave, stderr=subprocess.PIPE, timeout=120)
+        os.close(slave)
+        slave = None
+        got = b""
+        try:
+            while True:
+                block = os.read(master, 4096)
+                if not block:
+                    break
+                got += block
+        except OSError:                 # EIO: the terminal's other side is closed
+            pass
+    finally:
+        if slave is not None:
+            os.close(slave)
+        os.close(master)
+    assert p.returncode == 2 and b"terminal" in p.stderr, p
+    assert b"EICAR" not in got

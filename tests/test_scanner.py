@@ -712,3 +712,61 @@ def test_verdict_line_formats():
     assert verdict_line("f", Unscannable("size-limit", "why"), detail=True) == \
         "f: size-limit (why) ERROR"
     assert verdict_line("a\r\nb", Clean()) == "a??b: OK"
+
+
+class OneShotServer(threading.Thread):
+    """Answers every connection with `reply` after reading what the client
+    sent (until it stops sending for a moment), then closes: a hostile or
+    broken endpoint on a real socket."""
+
+    daemon = True
+
+    def __init__(self, reply):
+        threading.Thread.__init__(self)
+        self.reply = reply
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(5)
+        self.endpoint = "tcp:127.0.0.1:%d" % self.sock.getsockname()[1]
+
+    def run(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(0.5)
+                try:
+                    while conn.recv(65536):
+                        pass
+                except OSError:
+                    pass
+                try:
+                    conn.sendall(self.reply)
+                except OSError:
+                    pass
+
+
+@pytest.mark.parametrize("reply,want", [
+    (b"", "unavailable"),
+    (b"garbage\0", "unavailable"),
+    (b"stream: \0", "unavailable"),
+    (b"stream: OK\0stream: Trailing.Junk\0", "unavailable"),
+    (b"x" * (2 << 20), "unavailable"),
+    (b"stream: Some.Virus FOUND\0", "infected"),
+    (b"stream: OK\0", "clean"),
+])
+def test_broken_or_hostile_endpoint(sample, reply, want):
+    srv = OneShotServer(reply)
+    srv.start()
+    try:
+        v = Scanner([srv.endpoint], method="stream", timeout=10).scan_file(sample(b"data"))
+    finally:
+        srv.sock.close()
+    if want == "unavailable":
+        assert v == Unscannable("unavailable"), v
+    elif want == "infected":
+        assert v == Infected(["Some.Virus"]), v
+    else:
+        assert v == Clean(), v

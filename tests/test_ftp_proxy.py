@@ -221,6 +221,18 @@ def test_feat_filtered_and_refusals(proxy):
                        ("SITE EXEC /bin/sh", 502), ("STOU", 502), ("BOGUS x", 500),
                        ("SITE CHMOD 644 hello.txt", 200), ("PWD", 257), ("MODE S", 200)]:
         assert r.cmd(line)[0] == want, line
+    # the server's multi-line replies are relayed intact
+    code, lines = r.cmd("HELP")
+    assert code == 214 and len(lines) > 3 and lines[0].startswith("214-")
+    assert lines[-1].startswith("214 ")
+
+
+def test_passive_address_named_in_227(proxy):
+    hp = proxy("passive_address = 127.0.0.3\n")
+    r = Raw(*hp)
+    r.login()
+    code, lines = r.cmd("PASV")
+    assert code == 227 and "(127,0,0,3," in lines[-1]
 
 
 # -- B29: bounce ---------------------------------------------------------------------
@@ -442,7 +454,7 @@ def bigfile(ftpd):
     name = "big.bin"
     with open(os.path.join(ftpd.root, name), "wb") as f:
         chunk = os.urandom(1 << 20)
-        for _ in range(48):
+        for _ in range(24):
             f.write(chunk)
     return name
 

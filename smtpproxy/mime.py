@@ -537,26 +537,43 @@ class _Base64:
 
     def write(self, data):
         data = data.translate(None, _WS)
-        if data.translate(None, _B64_DELETE):
-            self.st.bad("junk in base64")
-            data = bytes(c for c in data if c in _B64_DELETE)
-        eq = data.find(b"=")
-        if self.padded and data.strip(b"="):
-            self.st.bad("base64 padding in mid-stream")
-        elif eq >= 0:
-            if data[eq:].strip(b"="):
-                self.st.bad("base64 padding in mid-stream")
-            self.padded = True
-        data = self.carry + data
+        data = self.carry + data if self.carry else data
         n = len(data) // 4 * 4
-        self.carry = data[n:]
-        if n:
+        chunk, self.carry = data[:n], data[n:]
+        if not chunk:
+            return
+        if not self.padded:
+            # Fast path: one strict C pass checks the alphabet and that
+            # padding comes only at the very end.
             try:
-                out = binascii.a2b_base64(data[:n])
-            except binascii.Error:
-                self.st.bad("undecodable base64")
-                out = b""
-            self._out(out)
+                out = binascii.a2b_base64(chunk, strict_mode=True)
+            except (binascii.Error, TypeError):
+                out = None
+            if out is not None:
+                if chunk.endswith(b"="):
+                    self.padded = True
+                self._out(out)
+                return
+        self._slow(chunk)
+
+    def _slow(self, chunk):
+        """Junk, or padding followed by more data: readers disagree (some
+        skip junk, some stop at the first '='): malformed, and the lenient
+        reading is what gets scanned."""
+        if chunk.translate(None, _B64_DELETE):
+            self.st.bad("junk in base64")
+            chunk = bytes(c for c in chunk if c in _B64_DELETE)
+        eq = chunk.find(b"=")
+        if (self.padded and chunk.strip(b"=")) or (eq >= 0 and chunk[eq:].strip(b"=")):
+            self.st.bad("base64 padding in mid-stream")
+        if eq >= 0:
+            self.padded = True
+        try:
+            out = binascii.a2b_base64(chunk)
+        except binascii.Error:
+            self.st.bad("undecodable base64")
+            out = b""
+        self._out(out)
 
     def _out(self, out):
         if out:

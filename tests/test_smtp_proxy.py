@@ -621,3 +621,18 @@ def test_memory_flat_for_a_large_message(tmp_path, clamd, sink):
     peak_kb = int(open(rss_file).read().split()[-1])
     assert peak_kb < 40 * 1024, peak_kb
     assert stored(sink.messages[0][2])[0] == msg
+
+
+def test_over_scanner_size_limit_on_unscannable(tmp_path, clamd_small, sink):
+    import base64
+    big = (b"Subject: big\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=q\r\n\r\n"
+           b"--q\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+           + base64.encodebytes(b"harmless " * 5000).replace(b"\n", b"\r\n") + b"--q--\r\n")
+    with proxy(tmp_path, clamd_small, sink.upstream) as hp:
+        err, _ = send(hp, big)
+    assert err is not None and err.smtp_code == 552 and b"5.3.4" in err.smtp_error
+    assert sink.messages == []
+    with proxy(tmp_path, clamd_small, sink.upstream, scanner_text="on_unscannable = pass\n") as hp:
+        err, _ = send(hp, big)
+    content, status = stored(sink.messages[0][2])
+    assert err is None and content == big and "Unscanned" in status and "size-limit" in status

@@ -290,15 +290,20 @@ def test_stale_passive_listener_closed(proxy):
     r = Raw(*hp)
     r.login()
     port = r.pasv_port()
-    assert r.cmd("PORT 127,0,0,1,200,1")[0] == 200
-    with pytest.raises(OSError):
-        socket.create_connection(("127.0.0.1", port), timeout=2).recv(1)
-        raise OSError("connected")
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()   # open now
+    port = r.pasv_port()                      # a new EPSV closes the first listener ...
+    assert r.cmd("PORT 127,0,0,1,200,1")[0] == 200     # ... and PORT closes this one
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
     port2 = r.pasv_port()
     port3 = r.pasv_port()
     if port2 != port3:
-        with pytest.raises(OSError):
-            socket.create_connection(("127.0.0.1", port2), timeout=2)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port2), timeout=5)
+    r.send("RETR hello.txt\r\n")
+    assert r.reply()[0] == 150
+    assert recv_all(r.data_connect(port3)) == b"hello\r\nworld\r\n"     # TYPE A: the default
+    assert r.reply()[0] == 226
 
 
 # -- B32: injection ---------------------------------------------------------------

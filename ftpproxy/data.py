@@ -249,24 +249,34 @@ def send_file(sock, f, offset, timeout, tick=None, ascii=False):
 
 
 def pump(src, dst, timeout, tick=None):
-    """Copy src to dst until EOF (listings).  Returns bytes copied."""
+    """Copy src to dst until EOF (listings).  Returns bytes copied.  Waits
+    in slices so that tick() (ABOR) is seen even while nothing moves."""
     total = 0
-    src.settimeout(timeout)
+    src.setblocking(False)
     dst.settimeout(timeout)
-    while True:
-        if tick:
-            tick()
+    try:
+        while True:
+            try:
+                data = src.recv(BLOCK)
+            except (BlockingIOError, InterruptedError):
+                _wait(src, False, timeout, tick)
+                continue
+            except OSError as e:
+                raise DataError("data connection failed: %s" % (e.strerror or e))
+            if not data:
+                return total
+            try:
+                dst.sendall(data)
+            except OSError as e:
+                raise DataError("data connection failed: %s" % (e.strerror or e))
+            total += len(data)
+            if tick:
+                tick()
+    finally:
         try:
-            data = src.recv(BLOCK)
-        except OSError as e:
-            raise DataError("data connection failed: %s" % (e.strerror or e))
-        if not data:
-            return total
-        try:
-            dst.sendall(data)
-        except OSError as e:
-            raise DataError("data connection failed: %s" % (e.strerror or e))
-        total += len(data)
+            src.setblocking(True)
+        except OSError:
+            pass
 
 
 def finish(sock):

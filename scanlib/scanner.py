@@ -283,6 +283,7 @@ class _Source:
         self.ro_fd = None
         self.path = None
         self.fileobj = None
+        self.consumed = False       # a pipe once read cannot be offered again
         if isinstance(item, int):
             self.fd = item
         elif isinstance(item, (str, bytes, os.PathLike)):
@@ -455,6 +456,11 @@ class Scanner:
             for ep in self.endpoints:
                 if _monotonic() >= deadline:
                     break
+                if src.consumed:
+                    # Streamed from a pipe to an endpoint that then failed:
+                    # what is left would scan as an empty (clean) file.
+                    problems.append("cannot resend a pipe to the next endpoint")
+                    return Unscannable(UNAVAILABLE, "; ".join(problems))
                 try:
                     return self._scan_at(ep, src, deadline)
                 except _Failover as e:
@@ -519,7 +525,7 @@ class Scanner:
     def _instream(self, s, src):
         """zINSTREAM: <len><bytes>... <0>; the reply lines.  On a broken pipe
         the reply clamd sent before closing is read and used; a send failure
-        with no reply is 'unavailable', never clean."""
+        with no reply is a failover (then 'unavailable'), never clean."""
         import struct
         s.send(b"zINSTREAM\0")
         try:
@@ -538,6 +544,7 @@ class Scanner:
                     n = os.preadv(fd, [view], state["offset"])
                     state["offset"] += n
                     return n
+                src.consumed = True
                 return os.readv(fd, [view])
         else:
             f = src.fileobj
@@ -565,8 +572,11 @@ class Scanner:
                 lines = []
             if lines:
                 return lines
-            return Unscannable(UNAVAILABLE, "connection lost while streaming: %s"
-                               % (e.strerror or e))
+            # No reply at all: this clamd died or dropped us.  The next
+            # endpoint may do better (a regular file is read again from its
+            # start; a pipe cannot be, see _scan).
+            raise _Failover("%s: connection lost while streaming: %s"
+                            % (_ep_text(s.endpoint), e.strerror or e))
         return s.read_reply()
 
 

@@ -770,3 +770,81 @@ def test_broken_or_hostile_endpoint(sample, reply, want):
         assert v == Infected(["Some.Virus"]), v
     else:
         assert v == Clean(), v
+
+
+class DropMidStream(threading.Thread):
+    """Reads a little of each connection, then closes it without a reply
+    (unread data makes the close a reset): a clamd dying mid-stream."""
+
+    daemon = True
+
+    def __init__(self):
+        threading.Thread.__init__(self)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(5)
+        self.endpoint = "tcp:127.0.0.1:%d" % self.sock.getsockname()[1]
+
+    def run(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.settimeout(10)
+            got = 0
+            try:
+                while got < 65536:
+                    data = conn.recv(65536)
+                    if not data:
+                        break
+                    got += len(data)
+            except OSError:
+                pass
+            conn.close()
+
+
+def test_lost_mid_stream_fails_over_with_a_regular_file(clamd, sample):
+    srv = DropMidStream()
+    srv.start()
+    try:
+        p = sample(b"\0" * (4 << 20) + rig.EICAR)
+        s = Scanner([srv.endpoint, clamd.unix_endpoint], method="stream", timeout=30)
+        assert s.scan_file(p) == EICAR_HIT
+        with open(p, "rb") as f:
+            assert s.scan_file(f) == EICAR_HIT
+        v = Scanner([srv.endpoint], method="stream", timeout=30).scan_file(p)
+        assert v == Unscannable("unavailable") and "lost while streaming" in v.detail
+    finally:
+        srv.sock.close()
+
+
+def test_lost_mid_stream_never_resends_a_pipe(clamd):
+    """A pipe half read by a failed endpoint would look empty (clean) to the
+    next one: unavailable instead."""
+    srv = DropMidStream()
+    srv.start()
+    r, w = os.pipe()
+    result = []
+    s = Scanner([srv.endpoint, clamd.unix_endpoint], method="stream", timeout=30)
+    t = threading.Thread(target=lambda: result.append(s.scan_file(r)), daemon=True)
+    t.start()
+    try:
+        os.set_blocking(w, False)
+        sent = 0
+        deadline = time.monotonic() + 20
+        while t.is_alive() and time.monotonic() < deadline and sent < (8 << 20):
+            try:
+                sent += os.write(w, b"\0" * 65536)
+            except BlockingIOError:
+                time.sleep(0.01)
+        os.close(w)
+        w = None
+        t.join(30)
+    finally:
+        if w is not None:
+            os.close(w)
+        srv.sock.close()
+    os.close(r)
+    assert result and result[0] == Unscannable("unavailable"), result
+    assert "pipe" in result[0].detail

@@ -673,11 +673,9 @@ class Proxy:
                 self.phase("scan")
             except Aborted:
                 code = 426
-                # the server leg may still be open: tell it
-                try:
-                    self.abort_upstream()
-                except Exception:
-                    pass
+                # the server leg may still be open: tell it (a server that
+                # does not answer ends the session with 421)
+                self.abort_upstream()
                 if progress.started:
                     self.r(150, "Aborted")
                 return self.abort_reply()

@@ -261,24 +261,24 @@ def main(argv=None):
     _write_all(1, R.GREETING.wire(hostname))
     from scanlib import log as L
     log = L.setup(IDENT, conf["log"]["file"], debug, conf["log"].get("level", "info"))
-    proxy = Proxy(conf, log, peer, debug)
+    proxy = None
     try:
+        proxy = Proxy(conf, log, peer, debug)
         return proxy.run()
     except Exception as e:              # never a traceback to the client
         log.exception("internal error: %r", e)
-        try:
+        if proxy is not None:
             proxy.client.out = []
-            _write_all(1, R.LOCAL_ERROR.wire())
-        except Exception:
-            pass
+        _write_all(1, R.LOCAL_ERROR.wire())
         return EX_TEMPFAIL
     finally:
-        proxy.cleanup()
-        log.info(L.summary(conn="end", client=proxy.peer_text, direction=proxy.direction,
-                           messages=proxy.messages, delivered=proxy.delivered,
-                           blocked=proxy.blocked, tls=proxy.tls_version or "no",
-                           reason=proxy.end_reason,
-                           secs="%.3f" % (time.monotonic() - started)))
+        if proxy is not None:
+            proxy.cleanup()
+            log.info(L.summary(conn="end", client=proxy.peer_text, direction=proxy.direction,
+                               messages=proxy.messages, delivered=proxy.delivered,
+                               blocked=proxy.blocked, tls=proxy.tls_version or "no",
+                               reason=proxy.end_reason,
+                               secs="%.3f" % (time.monotonic() - started)))
 
 
 def _write_all(fd, data):

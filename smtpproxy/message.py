@@ -111,7 +111,6 @@ class Message:
         self.structure = st = mime.split(self.body, self.p.spool, max_depth=v["max_mime_depth"],
                                          max_parts=v["max_mime_parts"])
         if v["scan"] == "encoded" and not st.has_encoded and not st.malformed:
-            self.verdicts = []
             self.verdict = None
             return self.deliver(self.body, "Unscanned (no encoded portion)", "pass-unscanned")
         portions = [p for p in st.portions if p.size > 0]
@@ -308,7 +307,9 @@ class Message:
         try:
             if up is None or not up.alive:
                 raise UpstreamError("upstream is gone")
-            code, lines = up.data(head, f, self.deadline)
+            # on_unavailable = pass after a missed deadline still needs a moment
+            # to hand the message over; the client waits 10 minutes (RFC 5321 4.5.3.2.6).
+            code, lines = up.data(head, f, max(self.deadline, time.monotonic() + 30))
         except UpstreamError as e:
             self.log.warning("upstream failed during DATA: %s", e)
             self.p.end_reason = "upstream-lost"

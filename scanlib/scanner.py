@@ -324,6 +324,9 @@ class _Source:
                               | getattr(os, "O_CLOEXEC", 0))
             os.set_blocking(self.fd, True)
             self.own = True
+            import stat
+            if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+                self.consumed = True        # a FIFO: one attempt only
         return self.fd
 
     def readonly_fd(self):
@@ -490,7 +493,13 @@ class Scanner:
     def _scan_at(self, ep, src, deadline):
         """Scan over one endpoint: a Verdict, or _Failover / _Timeout."""
         import socket
+        import stat
         method = self._method_for(ep, src)
+        try:
+            if src.fd is not None and not stat.S_ISREG(os.fstat(src.fd).st_mode):
+                src.consumed = True     # a pipe or socket: one attempt only
+        except OSError:
+            pass
         with _session_class()(ep, self.connect_timeout, deadline) as s:
             s._init_socket()
             try:

@@ -91,7 +91,7 @@ def main():
     size = args.size_mib << 20
     if size >= 2 << 30:
         raise SystemExit("clamd cannot scan 2 GB or more")
-    work = tempfile.mkdtemp(prefix="vgw-bench-", dir=args.dir)
+    work = tempfile.mkdtemp(prefix="vgw-scanbig-", dir=args.dir)
     limit = "%dM" % (args.size_mib + 64)
     c = rig.Clamd(os.path.join(work, "clamd"),
                   limits={"StreamMaxLength": limit, "MaxFileSize": limit, "MaxScanSize": limit},

@@ -492,7 +492,10 @@ def test_deadline_applies_on_unavailable(tmp_path, clamd, sink):
 
 @pytest.fixture
 def cert(tmp_path):
+    import shutil
     import subprocess
+    if not shutil.which("openssl"):
+        pytest.skip("openssl (the command) is needed to make a test certificate")
     key, crt = str(tmp_path / "key.pem"), str(tmp_path / "cert.pem")
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
                     "-out", crt, "-days", "2", "-subj", "/CN=gw.test.invalid"],
@@ -636,3 +639,12 @@ def test_over_scanner_size_limit_on_unscannable(tmp_path, clamd_small, sink):
         err, _ = send(hp, big)
     content, status = stored(sink.messages[0][2])
     assert err is None and content == big and "Unscanned" in status and "size-limit" in status
+
+
+@pytest.mark.parametrize("upstream", ["sendmail:/nonexistent/sendmail -bs", "sendmail:/bin/false"])
+def test_sendmail_upstream_that_cannot_start(tmp_path, clamd, upstream):
+    with proxy(tmp_path, clamd, upstream) as hp:
+        greeting, replies = raw_session(hp, b"EHLO c.example\r\nQUIT\r\n")
+        log = log_text(tmp_path)
+    assert greeting[0] == 220 and [c for c, _ in replies] == [421]
+    assert "upstream unavailable" in log

@@ -343,6 +343,14 @@ class Demo:
         self.check("quarantine holds the blocked mail and both infected files",
                    r.returncode == 0 and protocols == ["ftp", "ftp", "smtp"],
                    "protocols: %s" % protocols)
+        mail = [e for e in entries if e.get("protocol") == "smtp"]
+        if mail and mail[0].get("id"):
+            say()
+            say("$ virusgw quarantine show %s" % mail[0]["id"])
+            r = subprocess.run([os.path.join(VENV_BIN, "virusgw"), "quarantine", "show",
+                                "-c", self.conf, mail[0]["id"]], capture_output=True,
+                               text=True, timeout=60, env=dict(os.environ, VIRUSGW_CACHE_DIR=""))
+            say((r.stdout + r.stderr).rstrip())
 
         heading("summary")
         for what, ok, detail in self.checks:

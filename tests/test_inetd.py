@@ -270,6 +270,7 @@ def test_inetd_runs_both_shipped_lines(conf, sink, ftpd, open_dir):
         back_to_zero(pid)
         smtp_traffic(hp_smtp, sink)
         ftp_traffic(hp_ftp, ftpd, "via-inetd")
+        back_to_zero(pid)
         one_open_connection_is_one_process(hp_ftp, pid, b"220 ", user)
         back_to_zero(pid)
     if user != "root":

@@ -371,6 +371,10 @@ def test_units_and_config_name_the_same_directories():
         for proto in ("smtp", "ftp"):
             rw = " ".join(unit("virusgw-%sproxy@.service" % proto)["Service"]["ReadWritePaths"])
             assert default in rw.split()
+    from scanlib import config
+    for proto in ("smtp", "ftp"):
+        rw = " ".join(unit("virusgw-%sproxy@.service" % proto)["Service"]["ReadWritePaths"])
+        assert "-" + config.DEFAULT_CACHE_DIR in rw.split()
 
 
 # -- inetd, xinetd ---------------------------------------------------------------------

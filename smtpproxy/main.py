@@ -25,9 +25,9 @@ import sys
 import time
 
 from smtpproxy import replies as R
-from smtpproxy import session as S
 
 IDENT = "virusgw-smtpproxy"
+S = None                  # smtpproxy.session, imported after the greeting (Proxy)
 READ = 1 << 16
 EX_OK, EX_CONFIG, EX_TEMPFAIL = 0, 78, 75
 
@@ -171,14 +171,16 @@ def _parse_args(argv):
 
 
 def _nodelay(fd):
-    import socket
+    """TCP_NODELAY on the client socket, if fd is a TCP socket.  Through
+    _socket: the socket module's enum setup costs more than a greeting."""
+    import _socket
     try:
-        s = socket.socket(fileno=os.dup(fd))
+        s = _socket.socket(fileno=os.dup(fd))
     except OSError:
         return
     try:
-        if s.family in (socket.AF_INET, socket.AF_INET6):
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if s.family in (_socket.AF_INET, _socket.AF_INET6):
+            s.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
     except OSError:
         pass
     finally:
@@ -188,8 +190,7 @@ def _nodelay(fd):
 def _hostname(view):
     if view.get("hostname"):
         return view["hostname"]
-    import socket
-    return socket.gethostname() or "localhost"
+    return os.uname().nodename or "localhost"
 
 
 def _quiet_stderr():
@@ -205,16 +206,18 @@ def _quiet_stderr():
         pass
 
 
-def _greeting_name(conf, peer):
-    """The hostname for the greeting: [smtp] hostname, or the direction's
-    override when one is written (then the direction is found now)."""
+def _greeting_name(conf):
+    """The hostname for the greeting and the peer if it had to be found
+    first: [smtp] hostname, or the direction's override when one is written
+    (then the direction is needed before the greeting)."""
     smtp = conf["smtp"]
     if any((smtp.get(d) or {}).get("hostname") for d in ("inbound", "outbound")):
         from scanlib import net
+        peer = _peer()
         inside = net.Networks(conf["networks"]["inside"])
         direction = net.smtp_direction(peer[0], inside) if peer[0] else net.INBOUND
-        return _hostname(conf.view("smtp", direction))
-    return _hostname(smtp)
+        return _hostname(conf.view("smtp", direction)), peer
+    return _hostname(smtp), None
 
 
 def _peer():
@@ -254,11 +257,12 @@ def main(argv=None):
             _write_all(1, R.CONFIG_BROKEN.wire("virusgw"))
             return EX_CONFIG
     _nodelay(0)
-    peer = _peer()
-    hostname = _greeting_name(conf, peer)
-    # The greeting goes out now; logging and the session are set up while
-    # the client reads it.
+    hostname, peer = _greeting_name(conf)
+    # The greeting goes out now; the peer, logging and the session are set
+    # up while the client reads it.
     _write_all(1, R.GREETING.wire(hostname))
+    if peer is None:
+        peer = _peer()
     from scanlib import log as L
     log = L.setup(IDENT, conf["log"]["file"], debug, conf["log"].get("level", "info"))
     proxy = None
@@ -293,6 +297,8 @@ def _write_all(fd, data):
 class Proxy:
     def __init__(self, conf, log, peer, debug=False):
         from scanlib import net
+        global S
+        from smtpproxy import session as S
         self.conf, self.log, self.debug = conf, log, debug
         self.addr, self.port = peer
         inside = net.Networks(conf["networks"]["inside"])

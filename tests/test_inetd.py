@@ -115,11 +115,11 @@ def ftpd(open_dir):
 
 @pytest.fixture
 def conf(open_dir, clamd, sink, ftpd, request):
-    """conf(user) -> path of a config in a fresh folder under open_dir whose
-    directories `virusgw setup` made for the account the proxies will be."""
+    """conf(owner) -> path of a config (user = owner) in a fresh folder under
+    open_dir, whose directories `virusgw setup` made for that user."""
     counter = [0]
 
-    def make(user_key="", owner=None):
+    def make(owner=None):
         counter[0] += 1
         d = os.path.join(open_dir, "%s-%d" % (request.node.name.replace("/", "_")[:60], counter[0]))
         os.mkdir(d)
@@ -140,13 +140,6 @@ def conf(open_dir, clamd, sink, ftpd, request):
                            capture_output=True, text=True, timeout=60,
                            env=dict(os.environ, VIRUSGW_CACHE_DIR=""))
         assert r.returncode == 0, r.stderr
-        if user_key and owner is None:
-            # The proxy runs as user_key from the start (inetd's user field):
-            # give it the directories setup made for the configured user.
-            import pwd
-            pw = pwd.getpwnam(user_key)
-            for sub in ("spool", "quarantine", "virusgw.log"):
-                os.chown(os.path.join(d, sub), pw.pw_uid, pw.pw_gid)
         return path
     return make
 
@@ -259,7 +252,9 @@ def substituted(line, port, user, conf_path):
 def test_inetd_runs_both_shipped_lines(conf, sink, ftpd, open_dir):
     _need_root()
     user = _user() or "root"
-    path = conf(user_key=user if user != "root" else "")
+    # inetd starts the proxies as the configured user itself: the drop in
+    # the proxy is then a no-op ("started as that user").
+    path = conf(owner=user) if user != "root" else conf()
     lines = shipped_inetd_lines()
     smtp_port, ftp_port = free_port(), free_port()
     with inetd([substituted(lines["smtp"], smtp_port, user, path),

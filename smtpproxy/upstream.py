@@ -232,7 +232,6 @@ class Upstream:
         self.send(stuff(head), deadline)
         f.seek(0)
         carry = b""
-        last = b"\r\n"
         while True:
             block = f.read(BLOCK)
             if not block:
@@ -244,12 +243,9 @@ class Upstream:
                 continue
             carry = block[cut:]
             self.send(stuff(block[:cut]), deadline)
-            last = block[:cut]
         if carry:
             # A last line without CRLF (cannot come from our DATA reader, but a
             # rewritten part could end so): complete it.
             self.send(stuff(carry + b"\r\n"), deadline)
-            last = b"\r\n"
-        del last
         self.send(b".\r\n", deadline)
         return self.reply(deadline=deadline)

@@ -259,3 +259,12 @@ def test_starttls_offered_only_when_configured_and_resets_session():
     assert b"STARTTLS" not in action.data
     assert cmd(s, "STARTTLS")[0].data.startswith(b"503 5.5.1 TLS already active")
     assert b"STARTTLS" not in cmd(ready(), "EHLO c.example")[0].data
+
+
+def test_recipient_limit():
+    s = ready(max_recipients=2)
+    cmd(s, "MAIL FROM:<a@example.com>")
+    assert cmd(s, "RCPT TO:<r1@example.net>")[0].data.startswith(b"250")
+    assert cmd(s, "RCPT TO:<r2@example.net>")[0].data.startswith(b"250")
+    a, sent = cmd(s, "RCPT TO:<r3@example.net>")
+    assert a.data.startswith(b"452 4.5.3") and sent == []

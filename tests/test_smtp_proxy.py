@@ -349,6 +349,34 @@ def test_xforward_sent_when_offered(tmp_path, clamd):
     assert "ADDR=127.0.0.3" in sink.xforward_seen[0] and "HELO=c.example" in sink.xforward_seen[0]
 
 
+def test_xclient_sent_when_offered_and_session_restarted(tmp_path, clamd):
+    with Sink(xclient=True) as sink:
+        with proxy(tmp_path, clamd, sink.upstream) as hp:
+            d = Dialogue(hp[0], hp[1], source="127.0.0.3")
+            d.reply()
+            d.send(b"EHLO c.example\r\nMAIL FROM:<s@example.com>\r\nRCPT TO:<r@example.net>\r\n"
+                   b"DATA\r\n")
+            code, lines = d.reply()
+            assert [d.reply()[0] for _ in range(3)] == [250, 250, 354]
+            d.send(stuff(CLEAN) + b"QUIT\r\n")
+            assert [d.reply()[0] for _ in range(2)] == [250, 221]
+            d.close()
+    assert code == 250 and not any("XCLIENT" in l for l in lines)
+    assert len(sink.xclient_seen) == 1 and "ADDR=127.0.0.3" in sink.xclient_seen[0]
+    assert sink.ehlo_seen == ["c.example", "c.example"]        # EHLO again after XCLIENT's 220
+    assert len(sink.messages) == 1
+
+
+def test_ipv6_client(tmp_path, clamd, sink):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    with proxy(tmp_path, clamd, sink.upstream, host="::1") as hp:
+        err, _ = send(hp, CLEAN, rcpts=("r@example.org",))      # ::1/128 is inside by default
+        log = log_text(tmp_path)
+    assert err is None and sink.messages[0][1] == ["r@example.org"]
+    assert "client=::1:" in log and "direction=outbound" in log
+
+
 # -- failures --------------------------------------------------------------------------
 
 def test_scanner_down_tempfail_and_reject(tmp_path, clamd, sink):

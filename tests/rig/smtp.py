@@ -26,9 +26,12 @@ SWAKS = shutil.which("swaks") or "/usr/bin/swaks"
 
 
 class Sink:
-    def __init__(self, xforward=False, refuse_rcpt=(), refuse_data=False):
+    def __init__(self, xforward=False, refuse_rcpt=(), refuse_data=False, xclient=False):
         self.messages = []
         self.xforward_seen = []
+        self.xclient_seen = []
+        self.xclient = xclient
+        self.ehlo_seen = []
         self.noops = 0
         self.xforward = xforward
         self.refuse_rcpt = set(refuse_rcpt)
@@ -49,8 +52,11 @@ class Sink:
         class Handler:
             async def handle_EHLO(self, server, session, envelope, hostname, responses):
                 session.host_name = hostname
+                sink.ehlo_seen.append(hostname)
                 if sink.xforward:
                     responses.insert(len(responses) - 1, "250-XFORWARD NAME ADDR PORT PROTO HELO")
+                if sink.xclient:
+                    responses.insert(len(responses) - 1, "250-XCLIENT NAME ADDR PORT PROTO HELO")
                 return responses
 
             async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
@@ -70,6 +76,12 @@ class Sink:
             async def smtp_NOOP(self, arg):
                 sink.noops += 1
                 await super().smtp_NOOP(arg)
+
+            @syntax("XCLIENT attr=value ...")
+            async def smtp_XCLIENT(self, arg):
+                # Postfix's XCLIENT: the session restarts with a new greeting.
+                sink.xclient_seen.append(arg)
+                await self.push("220 sink ESMTP ready again")
 
             @syntax("XFORWARD attr=value ...")
             async def smtp_XFORWARD(self, arg):

@@ -220,6 +220,26 @@ def _greeting_name(conf):
     return _hostname(smtp), None
 
 
+def _fallback_logfile(path):
+    """[log] file of a configuration that could not be loaded, found by
+    reading its lines, so that the reason for the 421 is logged where the
+    administrator looks ('' = syslog)."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(1 << 20).decode("utf-8", "replace")
+    except (OSError, TypeError):
+        return ""
+    section = None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line.strip("[] \t").lower()
+        elif section == "log" and line.split("=", 1)[0].strip() == "file" and "=" in line:
+            value = line.split("=", 1)[1].split("#", 1)[0].strip().strip("'\"")
+            return value if value.startswith("/") else ""
+    return ""
+
+
 def _peer():
     """(address, port) of the client on fd 0 (getpeername, IPv4-mapped
     addresses normalised), else $REMOTE_ADDR or $TCPREMOTEIP."""
@@ -238,7 +258,7 @@ def main(argv=None):
         conf = C.load(conf_path)
     except Exception as e:              # ConfigError, or anything else: never a traceback
         from scanlib import log as L
-        L.setup(IDENT, "", debug)
+        L.setup(IDENT, _fallback_logfile(C.find_path(conf_path)), debug)
         problems = "; ".join(e.problems) if isinstance(e, C.ConfigError) else repr(e)
         L.LOG.error("configuration unusable, answering 421: %s", problems)
         _write_all(1, R.CONFIG_BROKEN.wire("virusgw"))

@@ -439,13 +439,16 @@ def test_upstream_dying_mid_session(tmp_path, clamd):
 
 def test_broken_config_421(tmp_path):
     conf = os.path.join(str(tmp_path), "bad.conf")
+    logfile = os.path.join(str(tmp_path), "virusgw.log")
     with open(conf, "w") as f:
-        f.write("[smtp]\naction = explode\nbogus = 1\n")
+        f.write("[log]\nfile = %s\n[smtp]\naction = explode\nbogus = 1\n" % logfile)
     with activated(proxy_argv("virusgw-smtpproxy", conf)) as hp:
         d = Dialogue(*hp)
         code, lines = d.reply()
-        assert code == 421 and d.reply()[0] is None
+        assert code == 421 and "4.3.5" in lines[0] and d.reply()[0] is None
         d.close()
+        log = log_text(tmp_path, until="answering 421")
+    assert "'action'" in log and "'bogus'" in log
 
 
 def test_idle_timeout(tmp_path, clamd, sink):

@@ -430,7 +430,7 @@ class Bench:
         row = {}
         for c in self.order(0):
             res = mail_load(self.targets[c], self.acct, "sess-%s" % c, sessions * per,
-                            sessions, per_conn=per, timeout=30.0)
+                            sessions, per_conn=per, timeout=60.0)
             row[c] = {k: res[k] for k in ("wall", "rate", "expected", "arrived", "lost",
                                           "altered", "errors")}
             log("  %-8s %s msg/s, %d/%d arrived, lost %d, altered %d, errors %d" % (

@@ -382,6 +382,11 @@ def _release_file(ctx, qid, meta, output, force):
 def _release_mail(ctx, qid, meta, to):
     codes = _codes()
     from scanlib import release as rel
+    for addr in to:
+        try:
+            rel.check_address(addr)
+        except ValueError as e:
+            fail(codes.USAGE, "--to: %s" % e)
     recipients = to or [str(r) for r in (meta.get("recipients") or [])]
     if not recipients:
         fail(codes.USAGE, "%s has no recipients: say whom with --to ADDR" % qid)

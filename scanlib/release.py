@@ -131,6 +131,20 @@ def connect(upstream, client="127.0.0.1", timeout=TIMEOUT):
     return s
 
 
+def check_address(addr, null_ok=False):
+    """A mailbox fit for MAIL FROM/RCPT TO: no controls, spaces or angle
+    brackets (nothing that could end or extend an SMTP command), bounded,
+    one @ domain part.  Raises ValueError."""
+    if not isinstance(addr, str):
+        raise ValueError("address is not text: %r" % (addr,))
+    if addr == "" and null_ok:
+        return addr
+    if not 3 <= len(addr) <= 512 or "@" not in addr[1:-1] or \
+            any(c in "<> \t\r\n\x00\x7f" or ord(c) < 32 for c in addr):
+        raise ValueError("not a usable address: %r" % addr[:100])
+    return addr
+
+
 def deliver(upstream, sender, recipients, message, client="127.0.0.1", timeout=TIMEOUT):
     """Send `message` (bytes) from `sender` to `recipients` through the
     upstream.  Returns {'mail': answer, 'recipients': {rcpt: answer},
@@ -138,6 +152,12 @@ def deliver(upstream, sender, recipients, message, client="127.0.0.1", timeout=T
     raises ReleaseError (with .answers) when it did not."""
     import smtplib
     answers = {"mail": None, "recipients": {}, "data": None, "accepted": []}
+    try:
+        check_address(sender, null_ok=True)
+        for rcpt in recipients:
+            check_address(rcpt)
+    except ValueError as e:
+        raise ReleaseError(str(e), answers=answers)
     s = connect(upstream, client, timeout)
     try:
         try:

@@ -298,3 +298,19 @@ def test_safe_filename():
     assert rel.safe_filename("../../x/evil.exe") == "evil.exe"
     assert rel.safe_filename("..\\..\\win.ini") == "win.ini"
     assert rel.safe_filename("") == "attachment"
+
+
+def test_addresses_that_could_inject_smtp_are_refused(tmp_path, sink):
+    conf, store = setup_store(tmp_path, "smtp:127.0.0.1:%d" % sink.port)
+    qid = mail_entry(store)
+    for bad in ("x@y\r\nRCPT TO:<evil@z>", "a b@c", "<a@b>", "nobody", "a@b\x00"):
+        r = run_runner(["quarantine", "release", "-c", conf, qid, "--to", bad])
+        assert r.code == 2 and r.err.startswith("virusgw: --to: not a usable address"), (bad, r)
+    # a meta.json someone tampered with: refused, recorded, nothing sent
+    store.update(qid, lambda m: m.update(recipients=["ok@inside.example", "x@y\r\nDATA"]))
+    r = run_runner(["quarantine", "release", "-c", conf, qid])
+    assert r.code == 69 and "not a usable address" in r.err, r
+    assert sink.envelopes == []
+    assert store.get(qid)["state"] == "quarantined"
+    for good in ("", "a@b.example"):
+        assert rel.check_address(good, null_ok=True) == good

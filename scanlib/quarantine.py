@@ -317,6 +317,14 @@ class Store:
 
     def _add(self, source, meta):
         self.ensure_directory()
+        if self.max_total_size:
+            # a store already full refuses before copying anything (the
+            # authoritative check is under the lock below)
+            hint = _size_hint(source)
+            used = self._read_usage()
+            if hint is not None and used is not None and used + hint > self.max_total_size:
+                raise QuarantineError("quarantine full: %d + %d bytes > max_total_size %d"
+                                      % (used, hint, self.max_total_size))
         tmp = None
         try:
             tmp = _mkdtemp(self.directory, TMP_PREFIX)
@@ -549,6 +557,15 @@ class Store:
 
 def _dump(record):
     return (json.dumps(record, ensure_ascii=True, sort_keys=True, indent=1) + "\n").encode("ascii")
+
+
+def _size_hint(source):
+    try:
+        if isinstance(source, (str, bytes, os.PathLike)):
+            return os.stat(source).st_size
+        return os.fstat(source.fileno()).st_size
+    except (OSError, AttributeError, ValueError):     # io.UnsupportedOperation is both
+        return None
 
 
 def _writable(f):

@@ -128,6 +128,44 @@ def test_max_total_size_refuses_and_leaves_nothing(tmp_path):
     assert store.recount() == 100
 
 
+def test_full_store_refuses_before_copying(tmp_path):
+    store = Store(str(tmp_path / "q"), max_total_size=100)
+    store.add(io.BytesIO(b"a" * 90), {})
+
+    class Counting(io.BytesIO):
+        reads = 0
+
+        def read(self, n=-1):
+            Counting.reads += 1
+            return io.BytesIO.read(self, n)
+    src = tmp_path / "big"
+    src.write_bytes(b"b" * 20)
+
+    class NoRead:
+        """A real file's size, but reading it is a test failure."""
+        def __init__(self, f):
+            self.f = f
+
+        def fileno(self):
+            return self.f.fileno()
+
+        def seek(self, *a):
+            return self.f.seek(*a)
+
+        def read(self, n=-1):
+            raise AssertionError("content copied although the store is full")
+    with open(str(src), "rb") as f:
+        with pytest.raises(QuarantineError, match="full"):
+            store.add(NoRead(f), {})
+    with pytest.raises(QuarantineError, match="full"):
+        store.add(str(src), {})
+    with pytest.raises(QuarantineError, match="full"):     # no fileno: found out after the copy
+        store.add(Counting(b"c" * 20), {})
+    assert Counting.reads > 0
+    assert len(store.ids()) == 1
+    assert not [n for n in os.listdir(store.directory) if n.startswith(".tmp-")]
+
+
 def test_ledger_missing_is_measured(tmp_path):
     store = Store(str(tmp_path / "q"), max_total_size=10)
     store.add(io.BytesIO(b"12345"), {})

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, strategies as st
 from click.testing import CliRunner
 
 from scanlib import cli, quarantine as q
@@ -396,3 +397,57 @@ def test_show_content_refuses_a_terminal(env):
         os.close(master)
     assert p.returncode == 2 and b"terminal" in p.stderr, p
     assert b"EICAR" not in got
+
+
+@pytest.fixture(scope="module")
+def varied_store(tmp_path_factory):
+    """40 entries with varied protocols, directions, states, senders,
+    recipients and viruses, and their index built."""
+    import datetime
+    d = tmp_path_factory.mktemp("varied")
+    store = Store(str(d / "q"))
+    base = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+    viruses = [[], ["Eicar-Test"], ["Win.Trojan.A", "Doc.X"], ["VirusGW.Test.EICAR.UNOFFICIAL"]]
+    for i in range(40):
+        meta = {"protocol": "ftp" if i % 3 == 0 else "smtp",
+                "direction": ["inbound", "outbound", ""][i % 3],
+                "viruses": viruses[i % 4], "action": "quarantine" if i % 5 else "reject"}
+        if meta["protocol"] == "smtp":
+            meta.update(sender=["", "A@x.example", "b@Y.example"][i % 3],
+                        recipients=[["c@x.example"], ["d@y.example", "E@x.example"], []][i % 3])
+        qid = age(store, store.add(io.BytesIO(b"%d" % i), meta),
+                  base + datetime.timedelta(days=i))
+        if i % 7 == 0:
+            store.update(qid, lambda m: m.update(state="released"))
+    q.Index(store).rebuild()
+    return store
+
+
+GLOBS = ["*", "", "*x.example", "*@Y.*", "e*", "eicar*", "*trojan*", "[ab]@*", "?@x.example",
+         "*.unofficial", "nomatch"]
+
+
+@given(state=st.sampled_from([None, "quarantined", "blocked", "released"]),
+       protocol=st.sampled_from([None, "smtp", "ftp"]),
+       direction=st.sampled_from([None, "inbound", "outbound"]),
+       since=st.sampled_from([None, "2026-01-05T00:00:00.000000Z", "2026-02-01"]),
+       until=st.sampled_from([None, "2026-01-20T00:00:00.000000Z", "2025-01-01"]),
+       virus=st.sampled_from([None] + GLOBS), sender=st.sampled_from([None] + GLOBS),
+       recipient=st.sampled_from([None] + GLOBS), limit=st.sampled_from([0, 1, 5]))
+def test_sql_filters_agree_with_the_python_filter(varied_store, state, protocol, direction,
+                                                  since, until, virus, sender, recipient, limit):
+    """The index answers in SQL; a read-only user's fresh entries are
+    filtered in Python: both must say the same for every filter."""
+    flt = q.Filter(state=state, protocol=protocol, direction=direction, since=since,
+                   until=until, virus=virus, sender=sender, recipient=recipient, limit=limit)
+    ix = q.Index(varied_store)
+    try:
+        everything = list(ix.select())
+        got = [r.id for r in ix.select(flt)]
+    finally:
+        ix.close()
+    want = [r.id for r in everything if flt.matches(r)]
+    if limit:
+        want = want[:limit]
+    assert got == want
+    assert len(everything) == 40

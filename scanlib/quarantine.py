@@ -18,12 +18,23 @@ What it guarantees:
   failure raises QuarantineError: the caller then refuses temporarily and
   delivers nothing.
 - Permissions: directories 0750, files 0640, group set to `group` when
-  given (the administrators' group); nothing is readable by others.
+  given (the administrators' group); nothing is readable by others.  What
+  root's CLI creates in the store goes to the directory's owner (the
+  proxies' user).  Entries and their files are opened without following
+  symlinks, so a planted link never makes root read or write elsewhere.
+- meta.json: what the caller gave (DESIGN.md "Quarantine store": protocol,
+  direction, client, sender, recipients, subject, message_id, ftp_*,
+  filename, viruses, action, reason, rule, scanner_version, portion,
+  content_type; bytes decoded, anything else made JSON-safe) plus what the
+  store computes: id, created (UTC), size, sha256, state ('quarantined',
+  'blocked' for keep_blocked copies, 'released') and history (one event
+  per release attempt: who, when, to, the upstream's answers, released).
 
-The files are the source of truth.  The list index (scanlib.qindex, SQLite,
+The files are the source of truth.  The list index (Index below, SQLite,
 only the CLI uses it) is a cache kept consistent with them and rebuildable.
-What this module does not do: import click, sqlite3 or the scanner; talk to
-the network.  The proxies import it only when something is quarantined.
+What this module does not do: import click or the scanner (sqlite3 only in
+Index), talk to the network.  The proxies import it only when something is
+quarantined.
 """
 
 import datetime

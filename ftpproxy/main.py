@@ -14,7 +14,8 @@ what is scanned is exactly what the server stores or serves):
         long fetch or scan sends '150-' keep-alive lines; the reply then
         ends with '150 ...' and a refused file gets 451 with no data.
   REST  remembered by the proxy (350).  REST + RETR fetches the whole file
-        from offset 0, scans the whole, and serves it from the offset.
+        from offset 0, scans the whole, and serves it from the offset (the
+        offset counts bytes as stored, also in TYPE A; past the end: 554).
         REST before STOR or APPE is refused (550): a resumed upload would
         store fragments the proxy never saw together.
   STOR  150, received to a spool file (TYPE A: CRLF -> LF), scanned, then

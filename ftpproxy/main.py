@@ -654,7 +654,11 @@ class Proxy:
         progress = Progress(self, self.view["progress"], self.view["progress_interval"],
                             t.arg)
         tick = self.make_tick(progress)
-        f, fpath = self.spool_file()
+        try:
+            f, fpath = self.spool_file()
+        except OSError as e:
+            self.log.error("spool: %s", e)
+            return self.r(451, "Local error: no spool space, try again later")
         verdict = decision = qid = None
         code = None
         size = 0
@@ -734,7 +738,11 @@ class Proxy:
         self.view = self.conf.view("ftp", direction)
         progress = Progress(self, False, self.view["progress_interval"], t.arg)
         tick = self.make_tick(progress)
-        f, fpath = self.spool_file()
+        try:
+            f, fpath = self.spool_file()
+        except OSError as e:
+            self.log.error("spool: %s", e)
+            return self.r(451, "Local error: no spool space, try again later")
         verdict = decision = qid = None
         code = None
         size = existing = 0

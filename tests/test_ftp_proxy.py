@@ -896,3 +896,15 @@ def test_hostile_client_bytes_never_crash(proxy):
         assert 200 <= code < 600 and code != 421, (junk, lines)
         assert not any("Traceback" in l for l in lines)
     assert r.cmd("NOOP")[0] == 200
+
+
+def test_spool_trouble_is_temporary(proxy, ftpd):
+    hp = proxy("[spool]\ndirectory = /proc/no-such-spool\n")
+    f = client(hp)
+    with pytest.raises(ftplib.error_temp) as e:
+        f.storbinary("STOR spool-fail.bin", io.BytesIO(b"data"))
+    assert str(e.value).startswith("451")
+    with pytest.raises(ftplib.error_temp):
+        f.retrbinary("RETR hello.txt", lambda b: None)
+    assert f.voidcmd("NOOP").startswith("200")
+    assert server_file(ftpd, "spool-fail.bin") is None

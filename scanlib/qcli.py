@@ -398,14 +398,13 @@ def _release_mail(ctx, qid, meta, to):
         client = str(normalise(client))
     except Exception:
         client = "127.0.0.1"
-    with ctx.store.open_content(qid) as src:
-        content = src.read()
-    payload = rel.mail_payload(meta, content, recipients,
-                               ctx.conf["quarantine"].get("release_from") or "")
     event = {"event": "release", "who": _who_runs(), "when": q.utc_text(), "to": upstream,
              "sender": sender, "recipients": {}, "released": False}
     try:
-        answers = rel.deliver(upstream, sender, recipients, payload, client=client)
+        with ctx.store.open_content(qid) as src:
+            payload = rel.mail_payload(meta, src, recipients,
+                                       ctx.conf["quarantine"].get("release_from") or "")
+            answers = rel.deliver(upstream, sender, recipients, payload, client=client)
     except rel.ReleaseError as e:
         event.update(recipients=e.answers.get("recipients") or {}, mail=e.answers.get("mail"),
                      data=e.answers.get("data"), error=str(e))

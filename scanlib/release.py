@@ -146,7 +146,7 @@ def check_address(addr, null_ok=False):
 
 
 def deliver(upstream, sender, recipients, message, client="127.0.0.1", timeout=TIMEOUT):
-    """Send `message` (bytes) from `sender` to `recipients` through the
+    """Send `message` (bytes, or a binary file streamed from where it is) from `sender` to `recipients` through the
     upstream.  Returns {'mail': answer, 'recipients': {rcpt: answer},
     'data': answer, 'accepted': [rcpts]} when the upstream took the message;
     raises ReleaseError (with .answers) when it did not."""
@@ -168,7 +168,7 @@ def deliver(upstream, sender, recipients, message, client="127.0.0.1", timeout=T
                     raise ReleaseError("upstream refused HELO: %s" % _text(code, msg),
                                        temporary=400 <= code < 500, answers=answers)
             opts = []
-            if s.does_esmtp and not message.isascii() and s.has_extn("8bitmime"):
+            if s.does_esmtp and not _is_ascii(message) and s.has_extn("8bitmime"):
                 opts.append("BODY=8BITMIME")
             if s.does_esmtp and not all(a.isascii() for a in [sender] + list(recipients)) \
                     and s.has_extn("smtputf8"):
@@ -186,7 +186,10 @@ def deliver(upstream, sender, recipients, message, client="127.0.0.1", timeout=T
             if not answers["accepted"]:
                 s.rset()
                 raise ReleaseError("upstream refused every recipient", answers=answers)
-            code, msg = s.data(message)
+            if isinstance(message, (bytes, bytearray)):
+                code, msg = s.data(bytes(message))
+            else:
+                code, msg = _data_from_file(s, message)
             answers["data"] = _text(code, msg)
         except smtplib.SMTPDataError as e:
             answers["data"] = _text(e.smtp_code, e.smtp_error)
@@ -271,14 +274,66 @@ def default_from():
     return "postmaster@%s" % _hostname()
 
 
-def mail_payload(meta, content, recipients, release_from=""):
-    """The bytes to send for a mail entry: the message itself, or a new
-    message carrying the portion."""
+def _is_ascii(message, bufsize=1 << 16):
+    """Bytes, or a binary file read through once and rewound."""
+    if isinstance(message, (bytes, bytearray)):
+        return message.isascii()
+    pos = message.tell()
+    try:
+        while True:
+            block = message.read(bufsize)
+            if not block:
+                return True
+            if not block.isascii():
+                return False
+    finally:
+        message.seek(pos)
+
+
+DATA_CHUNK = 1 << 16
+
+
+def _data_from_file(s, f, bufsize=None):
+    """DATA with the message streamed from a binary file (memory stays
+    flat): lines dot-stuffed, bare LF sent as CRLF, a missing final CRLF
+    added, then the end-of-data dot.  Returns the upstream's final reply."""
+    import smtplib
+    bufsize = bufsize or DATA_CHUNK
+    code, msg = s.docmd("data")
+    if code != 354:
+        raise smtplib.SMTPDataError(code, msg)
+    out = bytearray()
+    at_start = True          # the next chunk begins a line
+    after_cr = False         # the last chunk ended in CR (its LF may come next)
+    while True:
+        chunk = f.readline(bufsize)
+        if not chunk:
+            break
+        if at_start and chunk.startswith(b"."):
+            out += b"."
+        if chunk.endswith(b"\n") and not chunk.endswith(b"\r\n") \
+                and not (chunk == b"\n" and after_cr):
+            chunk = chunk[:-1] + b"\r\n"
+        out += chunk
+        at_start = chunk.endswith(b"\n")
+        after_cr = chunk.endswith(b"\r")
+        if len(out) >= bufsize:
+            s.send(bytes(out))
+            del out[:]
+    if not (out or b"\r\n").endswith(b"\r\n") or (not out and not at_start):
+        out += b"\r\n"
+    out += b".\r\n"
+    s.send(bytes(out))
+    return s.getreply()
+
+
+def mail_payload(meta, content_file, recipients, release_from=""):
+    """What to send for a mail entry: the open content itself (streamed by
+    deliver), or, for a portion, the bytes of a new message carrying it."""
     if meta.get("portion"):
-        return portion_message(meta, content, release_from or default_from(), recipients)
-    if re.search(rb"(?<!\r)\n", content):
-        content = re.sub(rb"\r?\n", b"\r\n", content)      # SMTP wants CRLF
-    return content
+        return portion_message(meta, content_file.read(), release_from or default_from(),
+                               recipients)
+    return content_file
 
 
 def write_file(src, path, force=False):

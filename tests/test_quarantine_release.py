@@ -314,3 +314,26 @@ def test_addresses_that_could_inject_smtp_are_refused(tmp_path, sink):
     assert store.get(qid)["state"] == "quarantined"
     for good in ("", "a@b.example"):
         assert rel.check_address(good, null_ok=True) == good
+
+
+def test_whole_message_is_streamed_with_exact_smtp_framing(tmp_path, sink, monkeypatch):
+    """Mail is streamed from its file in pieces (64 KiB; 16 bytes here, so
+    that lines cross pieces within SMTP's line limit): a dot that starts a
+    line is stuffed, one that starts a piece mid-line is not, a CRLF split
+    between pieces stays one CRLF, bare LF becomes CRLF, a missing final
+    CRLF is added."""
+    monkeypatch.setattr(rel, "DATA_CHUNK", 16)
+    conf, store = setup_store(tmp_path, "smtp:127.0.0.1:%d" % sink.port)
+    body = (b"Subject: framing\n\n.starts with a dot\r\n"
+            + b"A" * 16 + b".mid-line dot\r\n"
+            + b"B" * 15 + b"\r\n"
+            + b"..two dots\r\n.\r\nlast line without CRLF")
+    qid = store.add(io.BytesIO(body), {"protocol": "smtp", "sender": "s@x.example",
+                                      "recipients": ["r@y.example"], "action": "quarantine"})
+    r = run_runner(["quarantine", "release", "-c", conf, qid])
+    assert r.code == 0, r
+    want = (b"Subject: framing\r\n\r\n.starts with a dot\r\n"
+            + b"A" * 16 + b".mid-line dot\r\n"
+            + b"B" * 15 + b"\r\n"
+            + b"..two dots\r\n.\r\nlast line without CRLF\r\n")
+    assert sink.envelopes[0][2] == want

@@ -241,6 +241,13 @@ class Bench:
         # The floor: a Python program that only greets, spawned the same way.
         floor = self.stack.enter_context(act.activated([VPY, os.path.join(HERE, "floor.py")]))
         self.floor = floor
+        # A warm parent that forks per connection: what a pre-forking
+        # design would pay (informational, not a target).
+        port = act.free_port()
+        ff = Proc([VPY, os.path.join(HERE, "forkfloor.py"), str(port)],
+                  os.path.join(self.tmp, "forkfloor.log"), port)
+        self.stack.callback(ff.stop)
+        self.forkfloor = ("127.0.0.1", port)
 
         self.setup_peers()
         self.setup_virusgw()
@@ -319,6 +326,7 @@ class Bench:
         n = 10 if self.quick else 30
         who = dict(self.targets)
         who["floor"] = self.floor
+        who["fork-floor"] = self.forkfloor
         if self.ftp_proxy:
             who["virusgw-ftp"] = self.ftp_proxy
         names = list(who)
@@ -741,8 +749,8 @@ def table(res):
 
     g = rows.get("greeting_ms")
     if g:
-        add("connect to greeting (ms)", g, extra="floor %s; ftpproxy %s" % (
-            fmt(g.get("floor")), fmt(g.get("virusgw-ftp"))))
+        add("connect to greeting (ms)", g, extra="floor %s; ftpproxy %s; fork floor %s" % (
+            fmt(g.get("floor")), fmt(g.get("virusgw-ftp")), fmt(g.get("fork-floor"))))
     n = res["meta"]["small_mails"]
     add("%d small mails, one per connection, sequential (msg/s)" % n, rows.get("seq_msgs_per_s"))
     add("%d small mails, one per connection, 20 clients (msg/s)" % n,

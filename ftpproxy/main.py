@@ -889,21 +889,42 @@ def _args(argv):
     return path, debug
 
 
+def _quiet_stderr():
+    """fd 2 to /dev/null at once: under inetd it is the client's socket.
+    (scanlib.log.setup does the same, but importing it means importing
+    logging, which is left until after the greeting.)"""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        if fd != 2:
+            os.dup2(fd, 2)
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _logger(conf, debug):
+    from scanlib import log as vlog
+    if conf is None:
+        return vlog.setup(IDENT, "", debug)
+    return vlog.setup(IDENT, conf["log"]["file"], debug, conf["log"].get("level", "info"))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    from scanlib import log as vlog
     try:
         path, debug = _args(argv)
     except ValueError:
-        vlog.quiet_stderr()
+        _quiet_stderr()
         os.write(1, reply(421, "Proxy misconfigured (bad arguments)"))
         return 64
+    if not debug:
+        _quiet_stderr()
     ctl = Control()
     from scanlib import config
     try:
         conf = config.load(path)
     except config.ConfigError as e:
-        log = vlog.setup(IDENT, "", debug)
+        log = _logger(None, debug)
         for p in e.problems:
             log.error("config: %s", p)
         try:
@@ -911,58 +932,69 @@ def main(argv=None):
         except ClientGone:
             pass
         return 78
-    log = vlog.setup(IDENT, conf["log"]["file"], debug, conf["log"].get("level", "info"))
+    ftp = conf.view("ftp")
+    up = None
+    if ftp["upstream"].startswith("command:"):
+        # spawned before the privilege drop (vsftpd needs root to start)
+        from ftpproxy.upstream import UpstreamError, spawn_command
+        try:
+            up = spawn_command(ftp["upstream"], ftp["timeout"])
+        except UpstreamError as e:
+            _logger(conf, debug).error("upstream: %s", e)
+            _send_quietly(ctl, reply(421, "Service not available: cannot start the FTP server"))
+            return 69
+    try:
+        from scanlib import privs
+    except ImportError:
+        privs = None
+    if privs is not None:
+        try:
+            privs.drop(conf.get("user", ""))
+        except privs.PrivilegeError as e:
+            _logger(conf, debug).error("privileges: %s", e)
+            _send_quietly(ctl, reply(421, "Service not available"))
+            if up is not None:
+                up.close()
+            return 77
+    # Greet first: logging and everything heavier is imported after the 220.
+    hostname = ftp.get("hostname") or ""
+    if not _send_quietly(ctl, reply(220, "%svirusgw FTP proxy ready%s" % (
+            hostname + " " if hostname else "",
+            ": login as USER name@host[:port]" if ftp["upstream"] == "userhost" else ""))):
+        if up is not None:
+            up.close()
+        return 0
+    log = _logger(conf, debug)
     from scanlib.spool import install_signal_cleanup
     install_signal_cleanup()
     proxy = None
     try:
-        ftp = conf.view("ftp")
-        up = None
-        if ftp["upstream"].startswith("command:"):
-            # spawned before the privilege drop (vsftpd needs root to start)
-            from ftpproxy.upstream import UpstreamError, spawn_command
-            try:
-                up = spawn_command(ftp["upstream"], ftp["timeout"])
-            except UpstreamError as e:
-                log.error("upstream: %s", e)
-                ctl.send(reply(421, "Service not available: cannot start the FTP server"))
-                return 69
-        try:
-            from scanlib import privs
-        except ImportError:
-            privs = None
-        if privs is not None:
-            try:
-                privs.drop(conf.get("user", ""))
-            except privs.PrivilegeError as e:
-                log.error("privileges: %s", e)
-                ctl.send(reply(421, "Service not available"))
-                if up is not None:
-                    up.close()
-                return 77
-        # Greet first: everything heavier is imported after the 220.
-        hostname = ftp.get("hostname") or ""
-        ctl.send(reply(220, "%svirusgw FTP proxy ready%s" % (
-            hostname + " " if hostname else "",
-            ": login as USER name@host[:port]" if ftp["upstream"] == "userhost" else "")))
         proxy = Proxy(conf, ctl, log, debug)
         if up is not None:
             proxy.up = up
             proxy.server_name = up.name
+            up = None
         proxy.run()
         return 0
     except ClientGone:
         return 0
     except Exception as e:            # never a traceback to the client
         log.exception("internal error: %r", e)
-        try:
-            ctl.send(reply(421, "Internal error, closing connection"))
-        except ClientGone:
-            pass
+        _send_quietly(ctl, reply(421, "Internal error, closing connection"))
         return 70
     finally:
+        if up is not None:
+            up.close()
         if proxy is not None:
             try:
                 proxy.close()
             except Exception:
                 pass
+
+
+def _send_quietly(ctl, data):
+    try:
+        ctl.send(data)
+        return True
+    except ClientGone:
+        return False

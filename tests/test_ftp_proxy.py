@@ -908,3 +908,18 @@ def test_spool_trouble_is_temporary(proxy, ftpd):
         f.retrbinary("RETR hello.txt", lambda b: None)
     assert f.voidcmd("NOOP").startswith("200")
     assert server_file(ftpd, "spool-fail.bin") is None
+
+
+def test_keep_blocked_copy_of_deleted_file(proxy, tmp_path):
+    hp = proxy("action = delete\n")
+    f = client(hp)
+    with pytest.raises(ftplib.error_perm) as e:
+        f.retrbinary("RETR eicar.com", lambda b: None)
+    assert "Quarantined" not in str(e.value)          # delete: the entry is not named
+    qdir = os.path.join(str(tmp_path), "quarantine")
+    entries = wait_until(lambda: [n for n in os.listdir(qdir) if os.path.exists(
+        os.path.join(qdir, n, "meta.json"))], timeout=10, what="a blocked copy")
+    with open(os.path.join(qdir, entries[0], "meta.json")) as m:
+        meta = json.load(m)
+    assert meta["state"] == "blocked" and meta["action"] == "delete"
+    assert meta["ftp_path"] == "eicar.com" and EICAR_NAME in meta["viruses"]

@@ -72,7 +72,8 @@ def _listening(pid, port):
 def activated(argv, env=None, host="127.0.0.1", port=None, stderr=None):
     """Run argv per connection on host:port (a free port when None); yields
     (host, port).  host '::' gives a dual-stack listener, '::1' IPv6.
-    env: extra environment (PATH to the venv's bin is set)."""
+    env: the spawned program's environment besides PATH (the venv's bin
+    first), passed with -E."""
     port = port or free_port("::" if host == "::" else host)
     bind = "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
     full_env = dict(os.environ)
@@ -80,7 +81,13 @@ def activated(argv, env=None, host="127.0.0.1", port=None, stderr=None):
     full_env.pop("LISTEN_FDS", None)
     if env:
         full_env.update(env)
-    proc = subprocess.Popen([ACTIVATE, "--inetd", "-a", "-l", bind] + list(argv),
+    # systemd-socket-activate hands its children only TERM, PATH and HOME
+    # (as systemd does): everything else must be named with -E.
+    passed = []
+    for key, value in sorted((env or {}).items()):
+        passed += ["-E", "%s=%s" % (key, value)]
+    passed += ["-E", "PATH=" + full_env["PATH"]]
+    proc = subprocess.Popen([ACTIVATE, "--inetd", "-a", "-l", bind] + passed + list(argv),
                             env=full_env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL,
                             stderr=stderr if stderr is not None else subprocess.DEVNULL,

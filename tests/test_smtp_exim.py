@@ -20,7 +20,8 @@ def exim(tmp_path):
     if os.geteuid() != 0:
         # exim insists on a root-owned -C config and a spool owned by Debian-exim
         pytest.skip("the private exim needs root to set up")
-    return Exim(tmp_path).setup()
+    with Exim() as e:
+        yield e
 
 
 def proxy(tmp_path, clamd, upstream, text=""):

@@ -142,15 +142,21 @@ to_maildir:
 
 
 class Exim:
-    """A private exim reached as `sendmail -bs`; delivers into a maildir."""
+    """A private exim reached as `sendmail -bs`; delivers into a maildir.
 
-    def __init__(self, directory):
-        self.dir = os.path.join(str(directory), "exim")
+    Its folders live in their own /tmp directory, not under pytest's temp
+    root: pytest resets /tmp/pytest-of-USER to 0700 whenever a session
+    starts (any concurrent run), and exim, running as Debian-exim after
+    -C, must be able to reach its spool, log and maildir.  remove() (or
+    the context manager) deletes it."""
+
+    def __init__(self, directory=None):
+        import tempfile
+        self.dir = tempfile.mkdtemp(prefix="vgw-exim-")
         self.conf = os.path.join(self.dir, "exim.conf")
 
     def setup(self):
         pw = pwd.getpwnam("Debian-exim")
-        os.makedirs(self.dir, exist_ok=True)
         os.chmod(self.dir, 0o755)
         for sub in ("spool", "log", "maildir"):
             p = os.path.join(self.dir, sub)
@@ -169,15 +175,16 @@ class Exim:
             f.write(EXIM_CONF.format(dir=self.dir))
         os.chown(self.conf, 0, 0)
         os.chmod(self.conf, 0o644)
-        # pytest's temp root is 0700 (root): exim, running as Debian-exim
-        # after -C, must traverse to its spool and maildir.
-        d = self.dir
-        while d not in ("/", ""):
-            st = os.stat(d)
-            if not st.st_mode & 0o001:
-                os.chmod(d, st.st_mode | 0o711)
-            d = os.path.dirname(d)
         return self
+
+    def remove(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self.setup()
+
+    def __exit__(self, *exc):
+        self.remove()
 
     @property
     def upstream(self):

@@ -915,3 +915,88 @@ def test_scanner_that_hangs_forwards_nothing(tmp_path, ftpd):
             f.quit()
     finally:
         hang.close()
+
+
+# -- the bytes served are not the bytes scanned ------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="BUG: REST+RETR scans the whole file but serves a "
+                   "suffix; a suffix that is itself a known file (hash signature) is delivered")
+def test_rest_serves_a_suffix_that_a_hash_signature_knows(proxy, ftpd):
+    """clamd's hash signatures (most of a real database) name whole files.
+    'junk + known file' is clean as a whole; REST past the junk serves
+    exactly the known file.  What the client receives must be what was
+    judged: the served part is scanned too (or the RETR refused)."""
+    from tests.rig.clamd import hash_sample, HASH_NAME
+    sample = hash_sample()
+    with open(os.path.join(ftpd.root, "hashed.bin"), "wb") as fh:
+        fh.write(sample)
+    with open(os.path.join(ftpd.root, "padded.bin"), "wb") as fh:
+        fh.write(b"P" * 100 + sample)
+    hp = proxy()
+    r = Raw(*hp)
+    r.login()
+    r.cmd("TYPE I")
+    r.pasv_port()
+    code, lines = r.cmd("RETR hashed.bin")                  # the signature works here
+    assert code == 550 and HASH_NAME in "\n".join(lines), lines
+    port = r.pasv_port()
+    assert r.cmd("REST 100")[0] == 350
+    r.send("RETR padded.bin\r\n")
+    code, lines = r.reply()
+    got = b""
+    if code == 150:
+        got = recv_all(r.data_connect(port))
+        r.reply()
+    assert got != sample, "the known file was served from offset 100"
+
+
+CRLF_TEXT = b"@echo off\r\nrem virusgw attack sample\r\ndel /q C:\\important\r\n"
+CRLF_NAME = "VirusGW.Attack.CRLF.UNOFFICIAL"
+
+
+@pytest.fixture(scope="module")
+def clamd_crlf(tmp_path_factory):
+    """A private clamd whose database also knows CRLF_TEXT by its hash
+    (the way real databases know Windows scripts, CRLF line ends and all)."""
+    import hashlib
+    import shutil
+    from tests.rig import clamd as rig
+    if not rig.clamd_binary():
+        pytest.skip("clamd is not installed")
+    sigs = str(tmp_path_factory.mktemp("crlf-sigs"))
+    for n in os.listdir(rig.SIGS):
+        shutil.copy(os.path.join(rig.SIGS, n), sigs)
+    with open(os.path.join(sigs, "attack.hsb"), "w") as fh:
+        fh.write("%s:%d:VirusGW.Attack.CRLF\n" % (hashlib.sha256(CRLF_TEXT).hexdigest(),
+                                                   len(CRLF_TEXT)))
+    c = rig.Clamd(str(tmp_path_factory.mktemp("clamd-crlf")), sigs=sigs)
+    c.start()
+    yield c
+    c.stop()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: TYPE A downloads scan the stored LF bytes and "
+                   "serve CRLF bytes; a file known in its CRLF form is delivered")
+def test_ascii_conversion_serves_bytes_never_scanned(proxy, ftpd, clamd_crlf):
+    """The server stores the LF form (clean); a TYPE A download gets the
+    CRLF form, which the scanner knows.  The client must not receive it."""
+    with open(os.path.join(ftpd.root, "script.txt"), "wb") as fh:
+        fh.write(CRLF_TEXT.replace(b"\r\n", b"\n"))
+    hp = proxy(scanner=clamd_crlf.endpoints)
+    r = Raw(*hp)
+    r.login()
+    r.cmd("TYPE I")
+    port = r.pasv_port()
+    with open(os.path.join(ftpd.root, "crlf.bat"), "wb") as fh:
+        fh.write(CRLF_TEXT)
+    code, lines = r.cmd("RETR crlf.bat")                    # the signature works here
+    assert code == 550 and CRLF_NAME in "\n".join(lines), lines
+    assert r.cmd("TYPE A")[0] == 200
+    port = r.pasv_port()
+    r.send("RETR script.txt\r\n")
+    code, lines = r.reply()
+    got = b""
+    if code == 150:
+        got = recv_all(r.data_connect(port))
+        r.reply()
+    assert got != CRLF_TEXT, "the CRLF form was served unscanned"

@@ -40,6 +40,15 @@ def smtp_traffic(hp, n, prefix):
     return load.run_mail_load(hp[0], hp[1], batches, 1, timeout=30)
 
 
+def big_traffic(hp, n):
+    """n 10 MiB mails (base64 attachment, distinct payloads), one per
+    connection: where a big message's time goes."""
+    for i in range(n):
+        content, _ = load.attachment_mail("prof-big-%d" % i, 10 << 20)
+        load.run_mail_load(hp[0], hp[1], [[load.stuff(content)]], 1, timeout=120)
+    return n
+
+
 def ftp_one_session(hp, tmp):
     """One control connection: upload and download a small file."""
     src = os.path.join(tmp, "prof-ftp1.src")
@@ -116,8 +125,8 @@ def importtime(bench, module, launcher, traffic):
         return parse_importtime(f.read())
 
 
-def cprofile(bench, module, launcher, traffic, top=25):
-    d = os.path.join(bench.tmp, "cprofile-" + module)
+def cprofile(bench, module, launcher, traffic, top=25, label=None):
+    d = os.path.join(bench.tmp, "cprofile-" + (label or module))
     os.makedirs(d, exist_ok=True)
     with act.activated(_argv(bench, "cprofile", d, module + ".main", launcher)) as hp:
         count = traffic(hp)
@@ -226,6 +235,8 @@ def run(bench):
          lambda hp: smtp_traffic(hp, n, "cprof") and n)
     safe("pyinstrument_smtp", pyinstrument, bench, "smtpproxy", "virusgw-smtpproxy",
          lambda hp: smtp_traffic(hp, n, "pyi") and n)
+    safe("cprofile_smtp_10mib", cprofile, bench, "smtpproxy", "virusgw-smtpproxy",
+         lambda hp: big_traffic(hp, 2), 30, "smtpproxy-10mib")
     if bench.ftp_proxy:
         ftp = lambda hp: ftp_one_session(hp, bench.tmp)       # noqa: E731
         safe("importtime_ftp", importtime, bench, "ftpproxy", "virusgw-ftpproxy", ftp)
@@ -245,7 +256,7 @@ def run(bench):
     if p.get("tree"):
         res["summary"].append("pyinstrument_smtp: %d processes combined; tree in the JSON"
                               % p["processes"])
-    for k in ("cprofile_smtp", "cprofile_ftp"):
+    for k in ("cprofile_smtp", "cprofile_smtp_10mib", "cprofile_ftp"):
         c = res.get(k) or {}
         if "total_ms_per_process" in c:
             res["summary"].append("%s: %.1f ms profiled per process over %d processes" % (

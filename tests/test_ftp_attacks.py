@@ -1058,3 +1058,62 @@ def _push_oversized(hp, ftpd):
     code, lines = r.reply()
     assert code in (552, 426, 451) and server_file(ftpd, "huge.bin") is None, lines
     assert sent < total, "all %d MiB were taken into the spool" % (total >> 20)
+
+
+# -- the same rules on IPv6 and dual-stack fronts ------------------------------------------
+
+def test_ipv6_client_bounce_rules(proxy):
+    """A client on ::1: IPv4 forms of PORT/EPRT are another protocol (522,
+    or 500/501), another IPv6 host is refused, its own address works."""
+    hp = proxy(host="::1")
+    r = Raw("::1", hp[1])
+    r.login()
+    r.cmd("TYPE I")
+    for line, codes in (("EPRT |1|127.0.0.1|5000|", {500, 522}),
+                        ("PORT 127,0,0,1,19,136", {500, 501, 522}),
+                        ("EPRT |2|::2|5000|", {500}),
+                        ("EPRT |2|::1|80|", {500}),
+                        ("EPRT |2|::ffff:127.0.0.1|5000|", {500, 522})):
+        code, lines = r.cmd(line)
+        assert code in codes, (line, lines)
+    lst = socket.socket(socket.AF_INET6)
+    lst.bind(("::1", 0))
+    lst.listen(1)
+    lst.settimeout(10)
+    assert r.cmd("EPRT |2|::1|%d|" % lst.getsockname()[1])[0] == 200
+    r.send("RETR hello.txt\r\n")
+    assert r.reply()[0] == 150
+    conn, _ = lst.accept()
+    assert recv_all(conn) == b"hello\nworld\n"
+    assert r.reply()[0] == 226
+    lst.close()
+
+
+def test_dual_stack_front_keeps_the_rules(proxy):
+    """A dual-stack [::] listener reached over IPv4 sees the client as
+    ::ffff:127.0.0.1: bounce refusals and passive-port ownership still
+    work on the normalised address."""
+    other = Trap("127.0.0.2")
+    try:
+        hp = proxy(host="::")
+        r = Raw("127.0.0.1", hp[1])
+        r.login()
+        r.cmd("TYPE I")
+        assert r.cmd("PORT " + port_arg("127.0.0.2", other.port))[0] == 500
+        assert r.cmd("EPRT |2|::ffff:127.0.0.2|%d|" % other.port)[0] in (500, 522)
+        code, lines = r.cmd("PASV")
+        assert code == 227 and "(127,0,0,1," in lines[-1], lines
+        nums = lines[-1].split("(")[1].split(")")[0].split(",")
+        port = int(nums[4]) * 256 + int(nums[5])
+        s = socket.socket()
+        s.bind(("127.0.0.2", 0))
+        s.settimeout(5)
+        s.connect(("127.0.0.1", port))
+        r.send("RETR hello.txt\r\n")
+        assert r.reply()[0] == 150
+        assert recv_all(s) == b""
+        assert recv_all(r.data_connect(port)) == b"hello\nworld\n"
+        assert r.reply()[0] == 226
+        assert other.hits == []
+    finally:
+        other.close()

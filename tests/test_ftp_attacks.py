@@ -1117,3 +1117,53 @@ def test_dual_stack_front_keeps_the_rules(proxy):
         assert other.hits == []
     finally:
         other.close()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: the server's reply text is logged raw in "
+                   "'upstream: ...' lines (controls, ESC, NUL, CR reach the log)")
+def test_hostile_server_text_never_raw_in_the_log(proxy, tmp_path):
+    """A server that greets with 421 and control bytes in its text: the
+    client gets a clean 421, and the log holds the text escaped (no ESC,
+    NUL or CR from the network in the log file)."""
+    srv = HostileFtpd(replies={"GREETING": b"421 go \x1b[2J away\x00 \r forged=yes\r\n"})
+    try:
+        hp = hostile_proxy(proxy, srv)
+        r = Raw(*hp)
+        assert r.reply()[0] == 220
+        code, lines = r.cmd("USER u")
+        assert code == 421, lines
+        assert not any(c in "\n".join(lines) for c in "\x00\r")
+        r.close()
+        wait_until(lambda: "event=session" in log_text(tmp_path), timeout=10, what="log")
+        with open(os.path.join(str(tmp_path), "virusgw.log"), "rb") as fh:
+            raw = fh.read()
+        assert b"\x1b" not in raw and b"\x00" not in raw and b"\r" not in raw, raw[-500:]
+    finally:
+        srv.stop()
+
+
+def test_abor_during_upload_scan_never_forwarded(proxy, ftpd, clamd):
+    """The whole upload has arrived and the (slow) scan runs when ABOR
+    comes: 426 then 226, and the file never reaches the server."""
+    from tests.test_ftp_proxy import SlowClamd
+    slow = SlowClamd(clamd.tcp_port, 4)
+    try:
+        hp = proxy(scanner=["tcp:127.0.0.1:%d" % slow.port])
+        r = Raw(*hp)
+        r.login()
+        r.cmd("TYPE I")
+        port = r.pasv_port()
+        r.send("STOR abor-scan.bin\r\n")
+        assert r.reply()[0] == 150
+        d = r.data_connect(port)
+        d.sendall(CLEAN)
+        d.close()
+        time.sleep(1.0)                        # received; now waiting for the scanner
+        r.send("ABOR\r\n")
+        code1, l1 = r.reply()
+        code2, l2 = r.reply()
+        assert (code1, code2) == (426, 226), (l1, l2)
+        assert r.cmd("NOOP")[0] == 200
+        assert server_file(ftpd, "abor-scan.bin") is None
+    finally:
+        slow.close()

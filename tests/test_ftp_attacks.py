@@ -1167,3 +1167,27 @@ def test_abor_during_upload_scan_never_forwarded(proxy, ftpd, clamd):
         assert server_file(ftpd, "abor-scan.bin") is None
     finally:
         slow.close()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: APPE to a skip_extensions name sniffs only the "
+                   "head of the whole file: an archive appended to a text file passes unscanned")
+def test_skip_extensions_appe_archive_to_text(proxy, ftpd, clamd, tmp_path):
+    """skip_extensions = .txt: a text file is stored, then a zip holding
+    EICAR is APPEnded to it.  The stored whole holds an archive (clamd
+    finds EICAR in it): it must be scanned and the APPE refused."""
+    from scanlib.scanner import Scanner
+    from scanlib.verdict import Infected
+    text = b"Just a note.\n" * 60
+    archive = _zip(EICAR * 20, zipfile.ZIP_DEFLATED)
+    probe = os.path.join(str(tmp_path), "probe")
+    with open(probe, "wb") as fh:
+        fh.write(text + archive)
+    assert isinstance(Scanner(endpoints=clamd.endpoints, timeout=20).scan_file(probe), Infected)
+    hp = proxy("skip_extensions = .txt\n")
+    f = client(hp)
+    assert f.storbinary("STOR grow.txt", io.BytesIO(text)).startswith("226")
+    try:
+        f.storbinary("APPE grow.txt", io.BytesIO(archive))
+    except ftplib.Error:
+        pass
+    assert server_file(ftpd, "grow.txt") == text

@@ -1191,3 +1191,35 @@ def test_skip_extensions_appe_archive_to_text(proxy, ftpd, clamd, tmp_path):
     except ftplib.Error:
         pass
     assert server_file(ftpd, "grow.txt") == text
+
+
+# -- hostile arguments for every control-only verb (hypothesis) -----------------------------
+
+HOSTILE_VERBS = ["USER", "PASS", "ACCT", "NOOP", "FEAT", "TYPE", "MODE", "STRU", "ALLO",
+                 "REST", "ABOR", "OPTS", "PORT", "EPRT", "CWD", "CDUP", "PWD", "MKD", "RMD",
+                 "RNFR", "SIZE", "MDTM", "MLST", "SYST", "STAT", "HELP", "SITE", "AUTH",
+                 "PROT", "LPRT", "REIN", "SMNT", "XPWD", "BOGUS", "rest", "Type"]
+
+
+def test_hostile_arguments_never_break_the_session(proxy):
+    """Every control-only verb with arbitrary argument bytes (no CR, LF or
+    IAC): one proper reply each, never 421, never a traceback, and the
+    session stays in step."""
+    from hypothesis import given, settings, strategies as st, HealthCheck
+    hp = proxy()
+    r = Raw(*hp)
+    r.login()
+    args = st.binary(max_size=300).map(
+        lambda b: b.replace(b"\r", b"").replace(b"\n", b"").replace(b"\xff", b""))
+
+    @settings(max_examples=150, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(verb=st.sampled_from(HOSTILE_VERBS), arg=args, sep=st.sampled_from([b" ", b"  ", b""]))
+    def one(verb, arg, sep):
+        line = verb.encode() + (sep + arg if sep else b"")
+        code, lines = r.cmd(line)
+        assert 200 <= code < 600 and code != 421, (line, lines)
+        no_traceback(lines)
+
+    one()
+    assert r.cmd("NOOP")[0] == 200

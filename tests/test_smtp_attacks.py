@@ -19,7 +19,7 @@ import pytest
 from tests.rig.activate import wait_until
 from tests.rig.clamd import EICAR, EICAR_NAME
 from tests.rig.smtp import Dialogue, stuff
-from tests.test_smtp_proxy import CLEAN, cert, proxy, raw_session, send, sink, stored  # noqa: F401
+from tests.test_smtp_proxy import CLEAN, cert, proxy, raw_session, sink, stored  # noqa: F401
 
 pytestmark = pytest.mark.clamd
 
@@ -704,7 +704,6 @@ def test_hostile_filenames_stay_inside_quarantine(tmp_path, clamd, sink):
         assert meta["viruses"] == [EICAR_NAME]
     for p in probes:
         assert not os.path.exists(p)
-    assert [x for x in os.listdir(qdir) if x.startswith(".")] in ([], [".tmp"], [".ledger"]) or True
     content, status = stored(sink.messages[0][2])
     assert EICAR not in content and b"WDVPIVAlQEFQ" not in content
     assert_spool_empty(tmp_path)
@@ -905,7 +904,6 @@ def test_size_and_line_limits_are_exact(tmp_path, clamd, sink):
     at_limit = head + filler + b"z" * (3000 - len(head) - len(filler) - 2) + b"\r\n"
     over = head + filler + b"z" * (3000 - len(head) - len(filler) - 1) + b"\r\n"
     assert len(at_limit) == 3000 and len(over) == 3001
-    line_ok = b"Subject: l\r\n\r\n" + b"." + b"b" * 997 + b"\r\n"        # stuffed: 1000 + CRLF
     line_ok2 = b"Subject: l\r\n\r\n" + b"c" * 998 + b"\r\n"
     line_over = b"Subject: l\r\n\r\n" + b"c" * 999 + b"\r\n"
     again = b"MAIL FROM:<s@example.com>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n"
@@ -916,7 +914,6 @@ def test_size_and_line_limits_are_exact(tmp_path, clamd, sink):
     assert codes(replies) == [250, 250, 250, 354, 250, 250, 250, 354, 552, 250, 250, 354, 250,
                               250, 250, 354, 550, 221], replies
     assert [stored(m[2])[0] for m in sink.messages] == [at_limit, line_ok2]
-    del line_ok
     assert_spool_empty(tmp_path)
 
 
@@ -998,4 +995,28 @@ def test_rewritten_mail_is_clean(tmp_path, clamd, sink, action, name):
         assert isinstance(verdict, Clean), (verdict, content[:3000])
         m = email.message_from_bytes(content, policy=email.policy.default)
         assert m is not None
+    assert_spool_empty(tmp_path)
+
+
+def _yenc(data, name=b"e.com"):
+    out = bytearray()
+    for c in data:
+        o = (c + 42) % 256
+        if o in (0, 10, 13, 61):
+            out += b"=" + bytes([(o + 64) % 256])
+        else:
+            out.append(o)
+    return (b"=ybegin line=128 size=%d name=%s\r\n" % (len(data), name) + bytes(out)
+            + b"\r\n=yend size=%d\r\n" % len(data))
+
+
+@pytest.mark.xfail(strict=True, reason="BUG (gap): a yEnc block (=ybegin ... =yend) in a text body is "
+                   "not extracted, and clamd's mail parser does not decode it either: delivered as "
+                   "Clean although MUAs with yEnc support (e.g. Thunderbird) show the attachment")
+def test_yenc_block_in_text_body_is_scanned(tmp_path, clamd, sink):
+    msg = b"Subject: y\r\n\r\nsee the file\r\n" + _yenc(EICAR)
+    with proxy(tmp_path, clamd, sink.upstream) as hp:
+        reply = one_message(hp, msg)
+    refused(reply)
+    assert sink.messages == []
     assert_spool_empty(tmp_path)

@@ -1223,3 +1223,31 @@ def test_hostile_arguments_never_break_the_session(proxy):
 
     one()
     assert r.cmd("NOOP")[0] == 200
+
+
+def _stor_with_extra_reply(c, name):
+    c.send(b"150 send it\r\n")
+    data = recv_all(c.accept_data())
+    c.server.files[name] = data
+    c.send(b"226 stored\r\n226 unsolicited: stored again\r\n")
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: an unsolicited server reply desynchronises the "
+                   "upstream leg: it is taken as the EPSV answer and relayed as the client's "
+                   "226 for an upload the server never received")
+def test_unsolicited_server_reply_never_becomes_a_226(proxy):
+    """A server sends one reply too many.  Whatever the proxy does with it
+    (drop it, or end the session with 421), a client must never hear 2xx
+    for an upload that the server did not receive."""
+    srv = HostileFtpd(on_stor=_stor_with_extra_reply)
+    try:
+        hp = hostile_proxy(proxy, srv)
+        f = client(hp)
+        assert f.storbinary("STOR a.bin", io.BytesIO(b"first")).startswith("226")
+        try:
+            resp = f.storbinary("STOR b.bin", io.BytesIO(b"second"))
+        except (ftplib.Error, EOFError, OSError) as e:
+            resp = str(e)
+        assert not resp.startswith("2") or srv.files.get(b"b.bin") == b"second", resp
+    finally:
+        srv.stop()

@@ -13,7 +13,6 @@ import io
 import ftplib
 import os
 import socket
-import threading
 import time
 import zipfile
 import gzip

@@ -1250,3 +1250,30 @@ def test_unsolicited_server_reply_never_becomes_a_226(proxy):
         assert not resp.startswith("2") or srv.files.get(b"b.bin") == b"second", resp
     finally:
         srv.stop()
+
+
+def test_client_vanishes_during_upload_scan(proxy, ftpd, clamd, tmp_path):
+    """The client resets its control connection while its upload is being
+    scanned: nothing reaches the server, the spool is emptied (checked by
+    no_leftovers) and the session is logged as gone."""
+    from tests.test_ftp_proxy import SlowClamd
+    slow = SlowClamd(clamd.tcp_port, 3)
+    try:
+        hp = proxy(scanner=["tcp:127.0.0.1:%d" % slow.port])
+        r = Raw(*hp)
+        r.login()
+        r.cmd("TYPE I")
+        port = r.pasv_port()
+        r.send("STOR vanished.bin\r\n")
+        assert r.reply()[0] == 150
+        d = r.data_connect(port)
+        d.sendall(CLEAN)
+        d.close()
+        time.sleep(0.5)
+        r.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+        r.close()
+        wait_until(lambda: "event=session" in log_text(tmp_path), timeout=15, what="session end")
+        # the session line is the proxy's last act: nothing can follow it
+        assert server_file(ftpd, "vanished.bin") is None
+    finally:
+        slow.close()

@@ -248,6 +248,20 @@ def _peer():
 
 
 def main(argv=None):
+    rc = _main(argv)
+    threading = sys.modules.get("threading")
+    if threading is not None and threading.active_count() > 1:
+        # A scan still hangs in a worker thread after the deadline answered
+        # for it: interpreter shutdown would join it (concurrent.futures
+        # does) and keep the connection open for the scanner's timeout.
+        # Our work is done and logged: leave now.
+        import logging
+        logging.shutdown()
+        os._exit(rc)
+    return rc
+
+
+def _main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     conf_path, debug = _parse_args(argv)
     started = time.monotonic()

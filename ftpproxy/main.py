@@ -519,10 +519,8 @@ class Proxy:
         view = self.view
         skip = view.get("skip_extensions") or []
         f.flush()
-        if skip:
-            head = os.pread(f.fileno(), filetype.HEAD_SIZE, 0)
-            if filetype.may_skip(name, head, skip):
-                return None
+        if skip and filetype.may_skip_file(name, f, skip):
+            return None          # the whole file (APPE: old + new) is plain text
         if self.scanner is None:
             from scanlib.scanner import Scanner
             self.scanner = Scanner.from_config(self.conf["scanner"])

@@ -839,11 +839,7 @@ DISGUISED = {
 }
 
 
-@pytest.mark.parametrize("kind", [
-    pytest.param(k, marks=pytest.mark.xfail(
-        strict=True, reason="BUG: filetype sniffs only the first 512 bytes: a zip after a "
-        "text prefix (self-extracting style, read from its end) named .txt passes unscanned"))
-    if k == "zip-after-text" else k for k in sorted(DISGUISED)])
+@pytest.mark.parametrize("kind", sorted(DISGUISED))
 def test_skip_extensions_do_not_skip_archives(proxy, ftpd, clamd, tmp_path, kind):
     """skip_extensions = .txt; content that clamd finds EICAR in, in an
     archive named .txt: scanned and refused, never stored."""
@@ -1168,8 +1164,6 @@ def test_abor_during_upload_scan_never_forwarded(proxy, ftpd, clamd):
         slow.close()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: APPE to a skip_extensions name sniffs only the "
-                   "head of the whole file: an archive appended to a text file passes unscanned")
 def test_skip_extensions_appe_archive_to_text(proxy, ftpd, clamd, tmp_path):
     """skip_extensions = .txt: a text file is stored, then a zip holding
     EICAR is APPEnded to it.  The stored whole holds an archive (clamd

@@ -411,6 +411,55 @@ def test_may_skip():
     assert not filetype.may_skip("a.exe", b"text", skip)
     assert not filetype.may_skip(".txt", b"text", skip)                  # no base name
     assert not filetype.may_skip("a.txt", b"text", [])
+    # the whole file must be plain text: a real GIF (binary) is scanned
+    assert not filetype.may_skip("a.gif", b"GIF89a\x01\x00\x01\x00\x80\x00\x00", skip)
+
+
+@pytest.mark.parametrize("data,text", [
+    (b"", True), (b"plain ASCII\r\nlines\tand tabs\x0c\n", True),
+    ("caf\u00e9 \u2013 \u00fcber\n".encode("utf-8"), True),
+    ("caf\u00e9 \u00fcber\n".encode("latin-1"), True),
+    ("\u201cquoted\u201d \u20ac".encode("cp1252"), True),
+    (b"\x1b[1mbold\x1b[0m\n", True),
+    (b"a\x00b", False), (b"a\x01b", False), (b"a\x7fb", False), (b"a\x81b", False),
+    (b"PK\x05\x06" + b"\x00" * 18, False), (b"GIF89a\x01\x00", False),
+])
+def test_is_text(data, text):
+    assert filetype.is_text(data) is text
+
+
+def _zip_after_text():
+    import io
+    import zipfile
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("x.com", b"MZ" + bytes(range(256)) * 40)
+    return b"Just a note.\n" * 60 + buf.getvalue()
+
+
+@pytest.mark.parametrize("name,data,skipped", [
+    ("note.txt", b"Just a note.\n" * 5000, True),                  # > one 512-byte head
+    ("note.txt", b"Just a note.\n" * 5000 + b"\x00", False),       # one NUL at the end
+    ("note.txt", _zip_after_text(), False),                         # the zip is at the end
+    ("note.txt", b"#!/bin/sh\necho hi\n", False),                  # text, but a script
+    ("note.com", b"Just a note.\n", False),                         # name not skipped
+])
+def test_may_skip_file_reads_the_whole(tmp_path, name, data, skipped):
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    with open(str(path), "rb") as f:
+        f.seek(7)
+        assert filetype.may_skip_file(name, f, [".txt"]) is skipped
+        assert f.tell() == 7                                         # position untouched
+
+
+@given(st.binary(max_size=600), st.binary(max_size=600))
+def test_text_check_is_blockwise_exact(a, b):
+    """Fed in blocks (UTF-8 sequences cut anywhere) or at once: same answer."""
+    t = filetype.TextCheck()
+    t.feed(a)
+    t.feed(b)
+    assert t.result == filetype.is_text(a + b)
 
 
 # -- the FTP policy matrix ------------------------------------------------------

@@ -1020,3 +1020,97 @@ def test_yenc_block_in_text_body_is_scanned(tmp_path, clamd, sink):
     refused(reply)
     assert sink.messages == []
     assert_spool_empty(tmp_path)
+
+
+# -- a hostile or broken upstream never gives the client a traceback ---------------------------
+
+class _FakeUpstream:
+    """A TCP 'mail server' that sends `script` on connect and then reads
+    until the peer closes.  Stopped (its socket closed) at exit."""
+
+    def __init__(self, script):
+        import threading
+        self.script = script
+        self.srv = socket.socket()
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(5)
+        self.port = self.srv.getsockname()[1]
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            conn, _ = self.srv.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(10)
+            try:
+                conn.sendall(self.script)
+                while conn.recv(65536):
+                    pass
+            except OSError:
+                pass
+
+    def close(self):
+        self.srv.close()
+        self.thread.join(timeout=15)
+
+
+@pytest.mark.parametrize("script", [
+    b"HTTP/1.1 400 Bad Request\r\n\r\n",
+    b"\xff\xfe\x00garbage\r\n",
+    b"220-ok\r\n" + b"x" * (1 << 20),
+    b"220 ok\r\n999 what\r\n250 ok\r\n",
+    b"",
+], ids=["http", "binary", "endless-line", "bad-code", "silent-close"])
+def test_broken_upstream_gives_421_not_a_traceback(tmp_path, clamd, script):
+    up = _FakeUpstream(script)
+    try:
+        with proxy(tmp_path, clamd, "smtp:127.0.0.1:%d" % up.port, "timeout = 5\n") as hp:
+            replies = dialogue(hp, b"EHLO c.example\r\nMAIL FROM:<s@example.com>\r\nQUIT\r\n")
+    finally:
+        up.close()
+    assert 421 in codes(replies), replies
+    assert codes(replies)[-1] in (421, 221), replies
+
+
+def _hung_scanner_session(tmp_path, clamd, sink, portions, scanner_timeout):
+    """One message with `portions` encoded parts against a scanner that
+    accepts and never answers, deadline 1 s: the 451 after
+    the deadline, then QUIT; returns what followed the 221 (None at EOF,
+    or the socket timeout raised)."""
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(50)
+    msg = mime(TEXT_PART, *[b64_part(payload=b"harmless %d" % i, name=b"f%d" % i)
+                            for i in range(portions)])
+    try:
+        with proxy(tmp_path, clamd, sink.upstream, "deadline = 1\n",
+                   scanner="tcp:127.0.0.1:%d" % hung.getsockname()[1],
+                   scanner_text="timeout = %d\n" % scanner_timeout) as hp:
+            d = Dialogue(*hp, timeout=10)
+            try:
+                d.reply()
+                d.send(HELLO)
+                assert [d.reply()[0] for _ in range(4)] == [250, 250, 250, 354]
+                d.send(stuff(msg))
+                code, lines = d.reply()
+                assert code == 451 and "4.7.0" in lines[-1], lines
+                assert_spool_empty(tmp_path)
+                d.send(b"QUIT\r\n")
+                assert d.reply()[0] == 221
+                return d.reply()[0]
+            finally:
+                d.close()
+    finally:
+        hung.close()
+        assert sink.messages == []
+
+
+@pytest.mark.parametrize("portions", [0, 5])
+def test_hung_scanner_deadline_then_quit_closes(tmp_path, clamd, sink, portions):
+    """After the deadline answered, QUIT gets 221 and the connection closes
+    (the process does not wait for scans still blocked on the hung scanner;
+    the client's 10 s socket timeout is far above the expected ~0 s)."""
+    assert _hung_scanner_session(tmp_path, clamd, sink, portions, 120) is None

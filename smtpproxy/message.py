@@ -292,6 +292,23 @@ class Message:
         else:
             W.rewrite(self.body, spans, out, action, self.p.hostname)
         out.flush()
+        # What goes out is scanned once more: a rewrite keeps every byte it
+        # does not replace (top-level header fields, preamble, epilogue), and
+        # a virus there must never leave with a "removed" notice.
+        check = self.scan([out])
+        if check is None:
+            from scanlib.verdict import Unscannable
+            check = [Unscannable("unavailable", "scan deadline exceeded")]
+        if isinstance(check[0], Infected):
+            self.verdict = strongest([self.verdict, check[0]])
+            self.log.info("rewritten message still infected (%s): refused", check[0])
+            return self.block(policy.Decision("infected", "reject", 554, "5.7.1"))
+        if not check[0].clean:
+            rd = policy.smtp(check[0], False, self.view, self.conf["scanner"])
+            if rd.action in ("reject", "tempfail"):
+                return self.block(rd)
+            if rd.action == "hold":
+                return self.hold(rd)
         what = "body" if spans is None else "parts %s" % ",".join(
             r.portion.index for r in removals)
         status = "Infected (%s), %s %s" % (", ".join(self.verdict.names), what,

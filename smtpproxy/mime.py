@@ -45,6 +45,7 @@ _WS = b" \t\r\n"
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _BCHARS = re.compile(r"^[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]$")
 _UU_BEGIN = re.compile(rb"^begin(-base64)? +([0-7]{1,4}) +(.*?)[ \t]*$")
+_YENC_BEGIN = re.compile(rb"^=ybegin .*?(?:name=(.*?))?[ \t]*$")
 
 
 class Portion:
@@ -385,6 +386,11 @@ class _Parser:
             term = self.entity("%s.%d" % (ent.index, n), depth + 1, inner, ent,
                                "message/rfc822" if ent.ctype == "multipart/digest"
                                else "text/plain")
+        if n == 0:
+            # RFC 2046 5.1.1: one body part at least.  No delimiter of the
+            # declared boundary at all (e.g. delimiters that differ only in
+            # case) is a structure other readers see differently.
+            st.bad("multipart with no body part (its boundary never occurs)")
         if term is not None and term[0] == b:        # closing delimiter: the epilogue
             ent.end = cur.offset()
             return self.skip(delims)
@@ -642,10 +648,10 @@ class _UUScanner(_Lines):
                 if i < 0:
                     return
                 ls = lines.rfind(b"\n", 0, i) + 1
-                if ls != i:                           # not at a line start
-                    pos = lines.find(b"\n", i) + 1 or n
+                if ls != i and not (i - ls == 2 and lines[ls:i] == b"=y"):
+                    pos = lines.find(b"\n", i) + 1 or n  # not at a line start
                     continue
-                pos = i
+                pos = ls
             e = lines.find(b"\n", pos)
             e = n if e < 0 else e + 1
             line = lines[pos:e]
@@ -655,15 +661,30 @@ class _UUScanner(_Lines):
     def line(self, line, start, end):
         if self.cur is None:
             m = _UU_BEGIN.match(line)
-            if m:
+            y = None if m else _YENC_BEGIN.match(line)
+            if m or y:
                 self.count += 1
-                name = m.group(3).decode("latin-1")
-                p, f = self.parser.new_portion(self.ent, "uuencode", "/uu%d" % self.count,
-                                               filename=name)
+                if m:
+                    name, mode = m.group(3), "b64" if m.group(1) else "uu"
+                else:
+                    name, mode = y.group(1) or b"", "yenc"
+                p, f = self.parser.new_portion(
+                    self.ent, "uuencode" if mode != "yenc" else "yenc",
+                    "/%s%d" % ("uu" if mode != "yenc" else "yenc", self.count),
+                    filename=name.decode("latin-1"))
                 p.span = (self.base + start, None) if self.in_place else None
-                self.cur = [p, f, bool(m.group(1)), b""]
+                self.cur = [p, f, mode, b""]
             return
-        p, f, b64, carry = self.cur
+        p, f, mode, carry = self.cur
+        b64 = mode == "b64"
+        if mode == "yenc":
+            if line.startswith(b"=yend"):
+                self._end(end)
+            elif not line.startswith(b"=ypart"):
+                out = _yenc_line(line)
+                f.write(out)
+                p.size += len(out)
+            return
         if (line.strip() == b"end" and not b64) or (b64 and line.strip() == b"===="):
             self._end(end)
             return
@@ -697,6 +718,20 @@ class _UUScanner(_Lines):
             if self.cur is None and self.in_place:
                 p = self.parser.st.portions[-1]
                 p.span = (p.span[0], None)            # unterminated: replace to part end
+
+
+_YENC = bytes((i - 42) & 0xff for i in range(256))
+
+
+def _yenc_line(line):
+    """One yEnc data line: every byte minus 42; '=' escapes the next byte
+    (minus 64 more)."""
+    parts = line.split(b"=")
+    out = [parts[0].translate(_YENC)]
+    for part in parts[1:]:
+        if part:
+            out.append(bytes(((part[0] - 106) & 0xff,)) + part[1:].translate(_YENC))
+    return b"".join(out)
 
 
 def _uu_line(line):

@@ -207,7 +207,7 @@ class Session:
             else:
                 return self._error(R.PARAM_UNKNOWN)
         try:
-            path = parse_path(path_text, utf8=utf8, allow_null=True)
+            path = parse_path(_valid_utf8(path_text), utf8=utf8, allow_null=True)
         except BadAddress:
             return self._error(R.BAD_PATH)
         self._cand = path
@@ -230,7 +230,7 @@ class Session:
             else:
                 return self._error(R.PARAM_UNKNOWN)
         try:
-            path = parse_path(path_text, utf8=self.utf8)
+            path = parse_path(_valid_utf8(path_text), utf8=self.utf8)
         except BadAddress:
             return self._error(R.BAD_RCPT_PATH)
         why = relay_allowed(path, self.s.inside, self.s.local_domains)
@@ -396,6 +396,18 @@ class Session:
         if self.s.tls and not self.tls_active:
             out["STARTTLS"] = ""            # ours: the proxy terminates TLS itself
         return out
+
+
+def _valid_utf8(text):
+    """The line was decoded with surrogateescape: bytes that are not UTF-8
+    (invalid sequences, encoded surrogates, truncations) are lone
+    surrogates now.  A path holding any is refused (RFC 6531 3.3), never
+    relayed as raw bytes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadAddress("not UTF-8")
+    return text
 
 
 def _cmd(head, params):

@@ -266,3 +266,30 @@ def test_differential_against_python_email(data, ops):
         ours = found(st_)
         s.cleanup()
     assert ours or st_.malformed, data
+
+
+def _yenc(data, name=b"e.com"):
+    out = bytearray()
+    for c in data:
+        o = (c + 42) % 256
+        out += (b"=" + bytes([(o + 64) % 256])) if o in (0, 10, 13, 61) else bytes([o])
+    return (b"=ybegin line=128 size=%d name=%s\r\n" % (len(data), name) + bytes(out)
+            + b"\r\n=yend size=%d\r\n" % len(data))
+
+
+def test_yenc_block_extracted_in_place(spool):
+    data = b"Subject: y\r\n\r\nsee the file\r\n" + _yenc(EICAR) + b"bye\r\n"
+    st = split(spool, data)
+    assert found(st) == ["1/yenc1"] and st.portions[0].filename == "e.com"
+    start, end = st.portions[0].span
+    assert data[start:].startswith(b"=ybegin ") and data[end:] == b"bye\r\n"
+    allbytes = bytes(range(256)) * 2
+    st = split(spool, b"Subject: y\r\n\r\n" + _yenc(allbytes))
+    with open(st.portions[0].path, "rb") as f:
+        assert f.read() == allbytes
+
+
+def test_multipart_whose_boundary_never_occurs_is_malformed(spool):
+    data = multipart(ATT, boundary=b"Abc").replace(b"--Abc", b"--abc")
+    st = split(spool, data)
+    assert any("no body part" in m for m in st.malformed)

@@ -679,3 +679,23 @@ def test_sendmail_upstream_that_cannot_start(tmp_path, clamd, upstream):
         log = log_text(tmp_path)
     assert greeting[0] == 220 and [c for c, _ in replies] == [421]
     assert "upstream unavailable" in log
+
+
+@pytest.mark.parametrize("action", ["strip", "replace"])
+def test_virus_in_top_level_header_never_leaves_with_a_notice(tmp_path, clamd, sink, action):
+    """The rewritten message is scanned again: what a rewrite keeps (here a
+    top-level header field) must be clean too, else the message is refused."""
+    msg = b"Subject: hdr\r\nX-Payload: " + EICAR + b"\r\n\r\nclean body\r\n"
+    with proxy(tmp_path, clamd, sink.upstream, "action = %s\n" % action) as hp:
+        err, _ = send(hp, msg)
+    assert err is not None and err.smtp_code == 554 and EICAR_NAME.encode() in err.smtp_error
+    assert sink.messages == []
+
+
+def test_invalid_utf8_path_under_smtputf8_refused(tmp_path, clamd, sink):
+    with proxy(tmp_path, clamd, sink.upstream) as hp:
+        greeting, replies = raw_session(hp, b"EHLO c.example\r\nMAIL FROM:<s\xff@example.com> SMTPUTF8\r\n"
+                                        b"MAIL FROM:<s@example.com> SMTPUTF8\r\n"
+                                        b"RCPT TO:<r\xed\xa0\x80@example.net>\r\n"
+                                        b"RCPT TO:<r\xc3\xbc@example.net>\r\nQUIT\r\n")
+    assert [c for c, _ in replies] == [250, 501, 250, 501, 250, 221]

@@ -34,6 +34,11 @@ class DataError(Exception):
     """A data connection could not be made or broke: 425/426."""
 
 
+class TooBig(DataError):
+    """More bytes than the caller's limit ([scanner] max_size): the rest
+    is never read."""
+
+
 class Aborted(Exception):
     """The client sent ABOR (raised from a tick())."""
 
@@ -180,7 +185,7 @@ def recv_to_file(sock, f, timeout, tick=None, ascii=False, limit=None):
                 f.write(view[:n])
                 total += n
             if limit is not None and total > limit:
-                raise DataError("too much data")
+                raise TooBig("more than %d bytes" % limit)
             if tick:
                 now = time.monotonic()
                 if now >= next_tick:        # a select() per block would cost more
@@ -246,6 +251,25 @@ def send_file(sock, f, offset, timeout, tick=None, ascii=False):
         except OSError:
             pass
     return sent
+
+
+def copy_served(src, dst, offset, ascii):
+    """Write into dst exactly the bytes a RETR serves from src: from the
+    REST offset (counted in stored bytes) to the end, LF -> CRLF in ASCII
+    mode (the same conversion send_file does).  Returns the size."""
+    total = 0
+    pos = offset
+    while True:
+        block = os.pread(src.fileno(), BLOCK, pos)
+        if not block:
+            break
+        pos += len(block)
+        if ascii:
+            block = block.replace(b"\n", b"\r\n")
+        dst.write(block)
+        total += len(block)
+    dst.flush()
+    return total
 
 
 def pump(src, dst, timeout, tick=None):

@@ -8,14 +8,19 @@ connections on both legs are its own (ftpproxy.data).
 Transfers (store and forward; the server always speaks TYPE I to us, and
 what is scanned is exactly what the server stores or serves):
   RETR  fetched whole from the server into a spool file, scanned, then
-        150, the data (ASCII conversion and the REST offset applied here)
-        and 226.  Refused files get 550 as the first reply, with the
+        150, the data and 226.  What is served is exactly what was judged:
+        with TYPE A or a REST offset the served form (from the offset, LF
+        -> CRLF) is written to a second spool file and scanned as its own
+        item along with the whole; the strongest verdict wins, and that
+        second file is what is sent.  (A hash signature can know a suffix
+        or a CRLF form that the stored whole does not match.)  Refused files get 550 as the first reply, with the
         scanner's finding in continuation lines.  With `progress = yes` a
         long fetch or scan sends '150-' keep-alive lines; the reply then
         ends with '150 ...' and a refused file gets 451 with no data.
   REST  remembered by the proxy (350).  REST + RETR fetches the whole file
-        from offset 0, scans the whole, and serves it from the offset (the
-        offset counts bytes as stored, also in TYPE A; past the end: 554).
+        from offset 0, scans the whole and the part served, and serves it
+        from the offset (the offset counts bytes as stored, also in TYPE A;
+        past the end: 554).
         REST before STOR or APPE is refused (550): a resumed upload would
         store fragments the proxy never saw together.
   STOR  150, received to a spool file (TYPE A: CRLF -> LF), scanned, then
@@ -25,9 +30,26 @@ what is scanned is exactly what the server stores or serves):
         forwarded (426).  An upload ended by an orderly close is complete
         as far as stream mode can tell, and is scanned and stored.
   APPE  the existing server file is fetched first; existing + appended
-        bytes are scanned as one file and only then is the new part sent
-        with APPE.  If the existing file cannot be fetched the APPE is
+        bytes are scanned as one file, and that scanned whole is stored
+        with STOR (never APPE: the server would append to whatever it
+        holds by then, and another session may have replaced the file
+        between the fetch and the append, assembling bytes nobody scanned).
+        The server stores exactly what was scanned.  Costs: the whole file
+        crosses twice; a concurrent writer's change between the fetch and
+        the STOR is overwritten (last writer wins, as with STOR); a server
+        that grants append but not overwrite refuses it (its reply is
+        relayed).  If the existing file cannot be fetched the APPE is
         refused (550), since the whole could not be scanned.
+  Size  a transfer is never spooled past [scanner] max_size: an upload
+        (APPE: existing + new) that grows beyond it is cut off (the data
+        connection closed unread, so the client's send fails) and refused
+        with 552; a download whose fetch grows beyond it is aborted on the
+        server and refused with 550 (451 after '150-' keep-alives).  This
+        holds whatever on_unscannable says: the proxy never has the whole
+        file, so it can neither scan it, nor quarantine it, nor pass it
+        (relaying it unscanned as a stream would be a second transfer path
+        that is never scanned).  Items clamd itself finds too big (its
+        StreamMaxLength below max_size) follow on_unscannable as usual.
   STOU  refused (502): the server would choose the name only after the
         scan, too late for the '150 FILE:' reply; a client that wants a
         unique name can pick one and use STOR.
@@ -170,10 +192,20 @@ class Progress:
         self.last_server = time.monotonic()
         self.server_idle = False       # True while the server's control is idle
         self.phase = "fetching"
+        self.ended = False
+
+    def end(self, text, always=False):
+        """End the keep-alive reply with its '150 text' line (a multi-line
+        reply ends with the code it started with); with always, send that
+        150 line even when no keep-alive went out."""
+        if self.ended or not (self.started or always):
+            return
+        self.ended = True
+        self.proxy.r(150, text)
 
     def tick(self):
         now = time.monotonic()
-        if self.enabled and now - self.last_client >= self.interval:
+        if self.enabled and not self.ended and now - self.last_client >= self.interval:
             self.last_client = now
             self.started = True
             self.proxy.ctl.send(("150-%s %s, please wait\r\n"
@@ -488,10 +520,11 @@ class Proxy:
         dsock.close()
         self.send(self.up.final_reply().raw())
 
-    def fetch(self, path, f, progress, tick):
+    def fetch(self, path, f, progress, tick, limit=None):
         """RETR path from the server into f.  Returns (size, None) or
-        (None, reply bytes for the client)."""
-        from ftpproxy.data import DataError, recv_to_file
+        (None, reply bytes for the client).  TooBig (the server's transfer
+        aborted, the control connection back in step) past limit bytes."""
+        from ftpproxy.data import DataError, TooBig, recv_to_file
         dsock, err = self.up.open_data()
         if err is not None:
             return None, err.raw()
@@ -500,7 +533,11 @@ class Proxy:
             dsock.close()
             return None, r.raw()
         try:
-            size = recv_to_file(dsock, f, self.ftp["data_timeout"], tick)
+            size = recv_to_file(dsock, f, self.ftp["data_timeout"], tick, limit=limit)
+        except TooBig:
+            dsock.close()
+            self.abort_upstream()
+            raise
         except DataError as e:
             dsock.close()
             self.up.final_reply()
@@ -512,9 +549,10 @@ class Proxy:
             return None, final.raw()
         return size, None
 
-    def scan(self, f, name, progress, tick):
-        """Verdict for the spooled file, or None when skip_extensions lets it
-        pass unscanned.  Waits in slices so that ABOR is seen."""
+    def scan(self, f, name, progress, tick, extra=()):
+        """Verdict for the spooled file (the strongest of it and the extra
+        files: the bytes actually served), or None when skip_extensions lets
+        it pass unscanned.  Waits in slices so that ABOR is seen."""
         from scanlib import filetype
         view = self.view
         skip = view.get("skip_extensions") or []
@@ -525,10 +563,15 @@ class Proxy:
             from scanlib.scanner import Scanner
             self.scanner = Scanner.from_config(self.conf["scanner"])
         import threading
+        from scanlib.verdict import strongest
         result = []
-        f.seek(0)
-        th = threading.Thread(target=lambda: result.append(self.scanner.scan_file(f)),
-                              daemon=True)
+        items = [f] + list(extra)
+        for x in items:
+            x.flush()
+            x.seek(0)
+        th = threading.Thread(
+            target=lambda: result.append(strongest(self.scanner.scan_many(items))),
+            daemon=True)
         th.start()
         if progress is not None:
             progress.phase = "scanning"
@@ -646,71 +689,102 @@ class Proxy:
         return net.ftp_direction(server, self.client, self.inside)
 
     def retr(self, t):
-        from ftpproxy.data import DataError, Aborted, send_file, finish
-        direction = self.direction(upload=False)
-        self.view = self.conf.view("ftp", direction)
-        progress = Progress(self, self.view["progress"], self.view["progress_interval"],
-                            t.arg)
+        from ftpproxy.upstream import UpstreamError
+        progress = None
+        try:
+            direction = self.direction(upload=False)
+            self.view = self.conf.view("ftp", direction)
+            progress = Progress(self, self.view["progress"], self.view["progress_interval"],
+                                t.arg)
+            return self._retr(t, direction, progress)
+        except ClientGone:
+            raise
+        except (UpstreamError, Exception):
+            # After '150-' keep-alives the reply must end with its '150 '
+            # line before the 421 that ends the session.
+            if progress is not None:
+                progress.end("Transfer failed")
+            raise
+
+    def _retr(self, t, direction, progress):
+        from ftpproxy.data import DataError, Aborted, TooBig, send_file, finish, copy_served
         tick = self.make_tick(progress)
         try:
             f, fpath = self.spool_file()
         except OSError as e:
             self.log.error("spool: %s", e)
             return self.r(451, "Local error: no spool space, try again later")
+        served = spath = None
         verdict = decision = qid = None
         code = None
         size = 0
         self.phases, self.phase_start = [], time.monotonic()
         try:
             try:
-                size, err = self.fetch(t.arg, f, progress, tick)
+                try:
+                    size, err = self.fetch(t.arg, f, progress, tick,
+                                           limit=self.conf["scanner"]["max_size"])
+                except TooBig as e:
+                    verdict, decision = self.too_big(e, upload=False)
+                    code = 451 if progress.started else decision.code
+                    progress.end("Fetch stopped")
+                    return self.r(code, *(self.notes(t.arg, verdict, decision, None)
+                                          + ["Download refused: larger than [scanner] "
+                                             "max_size, cannot be scanned"]))
                 self.phase("fetch")
                 if err is not None:
                     code = int(err[:3])
                     if progress.started:
-                        self.r(150, "Fetch failed")
+                        progress.end("Fetch failed")
                         err = reply(451, "Fetching the file from the server failed")
                         code = 451
                     return self.send(err)
-                verdict = self.scan(f, t.arg, progress, tick)
+                # What is served must be what was judged: with a REST offset
+                # or ASCII conversion the served bytes are another item
+                # (a hash signature knows a suffix, or a CRLF form, that the
+                # stored whole does not match), scanned with the whole.
+                ascii = self.session.type == "A"
+                extra = []
+                if (t.rest or ascii) and t.rest <= size:
+                    served, spath = self.spool_file()
+                    copy_served(f, served, t.rest, ascii)
+                    extra.append(served)
+                verdict = self.scan(f, t.arg, progress, tick, extra)
                 self.phase("scan")
             except Aborted:
                 code = 426
                 # the server leg may still be open: tell it (a server that
                 # does not answer ends the session with 421)
                 self.abort_upstream()
-                if progress.started:
-                    self.r(150, "Aborted")
+                progress.end("Aborted")
                 return self.abort_reply()
             decision = self.decide(verdict, upload=False)
             qid, qerr = self.settle(f, "RETR", t.arg, direction, verdict, decision)
             notes = self.notes(t.arg, verdict, decision, qid)
             if qerr is not None:
                 code = 451
-                if progress.started:
-                    self.r(150, "Scan finished")
+                progress.end("Scan finished")
                 return self.r(451, *(notes + ["Quarantine unavailable, try again later"]))
             if decision.action != "pass":
                 code = 451 if progress.started else decision.code
-                if progress.started:
-                    self.r(150, "Scan finished")
+                progress.end("Scan finished")
                 final = {"tempfail": "Virus scanner unavailable, try again later"}.get(
                     decision.action, "Download refused: %s" % decision.cause)
                 return self.r(code, *(notes + [final]))
             if t.rest > size:
-                code = 554
-                if progress.started:
-                    self.r(150, "Scan finished")
-                return self.r(554 if not progress.started else 451,
-                              "Restart offset %d is past the end of the file" % t.rest)
-            ascii = self.session.type == "A"
-            self.r(150, "Opening %s mode data connection for %s (%d bytes)"
-                   % ("ASCII" if ascii else "BINARY", self.safe(t.arg), size - t.rest))
+                code = 451 if progress.started else 554
+                progress.end("Scan finished")
+                return self.r(code, "Restart offset %d is past the end of the file" % t.rest)
+            out = served if served is not None else f
+            nbytes = os.fstat(out.fileno()).st_size
+            progress.end("Opening %s mode data connection for %s (%d bytes)"
+                         % ("ASCII" if ascii else "BINARY", self.safe(t.arg), nbytes),
+                         always=True)
             tick = self.make_tick()
             conn = None
             try:
                 conn = self.client_data(tick)
-                sent = send_file(conn, f, t.rest, self.ftp["data_timeout"], tick, ascii)
+                sent = send_file(conn, out, 0, self.ftp["data_timeout"], tick, False)
                 self.bytes_down += sent
             except Aborted:
                 code = 426
@@ -727,11 +801,22 @@ class Proxy:
             code = 226
             self.r(226, *(notes + ["Transfer complete"]))
         finally:
+            if served is not None:
+                self.drop_spool(served, spath)
             self.drop_spool(f, fpath)
             self.log_transfer("RETR", t.arg, direction, size, verdict, decision, qid, code)
 
+    def too_big(self, e, upload):
+        """Verdict and decision for a transfer cut off at [scanner] max_size:
+        refused whatever on_unscannable says (552 up, 550 down), since the
+        proxy never holds more than max_size of it (no quarantine copy)."""
+        from scanlib.policy import Decision
+        from scanlib.verdict import Unscannable, SIZE_LIMIT
+        v = Unscannable(SIZE_LIMIT, "%s: %s" % ("upload" if upload else "download", e))
+        return v, Decision("unscannable", "reject", 552 if upload else 550, None)
+
     def stor(self, t):
-        from ftpproxy.data import DataError, Aborted, recv_to_file, send_file, finish
+        from ftpproxy.data import DataError, Aborted, TooBig, recv_to_file, send_file, finish
         direction = self.direction(upload=True)
         self.view = self.conf.view("ftp", direction)
         progress = Progress(self, False, self.view["progress_interval"], t.arg)
@@ -744,16 +829,23 @@ class Proxy:
         verdict = decision = qid = None
         code = None
         size = existing = 0
+        max_size = self.conf["scanner"]["max_size"]
         self.phases, self.phase_start = [], time.monotonic()
         try:
             if t.verb == "APPE":
                 # The whole file must be scanned: fetch what is there first.
                 try:
-                    existing, err = self.fetch(t.arg, f, None, tick)
+                    existing, err = self.fetch(t.arg, f, None, tick, limit=max_size)
                 except Aborted:
                     code = 426
                     self.abort_upstream()
                     return self.abort_reply()
+                except TooBig as e:
+                    verdict, decision = self.too_big("existing file: %s" % e, upload=True)
+                    code = 552
+                    return self.r(552, *(self.notes(t.arg, verdict, decision, None)
+                                         + ["APPE refused: the whole file would be larger "
+                                            "than [scanner] max_size"]))
                 if err is not None:
                     code = 550
                     return self.r(550, "APPE refused: the existing file could not be fetched "
@@ -765,9 +857,21 @@ class Proxy:
             try:
                 conn = self.client_data(tick)
                 size = recv_to_file(conn, f, self.ftp["data_timeout"], tick,
-                                    ascii=self.session.type == "A")
+                                    ascii=self.session.type == "A",
+                                    limit=max_size - existing)
                 self.bytes_up += size
                 self.phase("receive")
+            except TooBig as e:
+                # Stop reading (closing with unread data resets the client's
+                # connection): the file could never be scanned whole, so it
+                # is refused whatever on_unscannable says, and the spool
+                # holds at most max_size of it.
+                conn.close()
+                verdict, decision = self.too_big(e, upload=True)
+                code = 552
+                return self.r(552, *(self.notes(t.arg, verdict, decision, None)
+                                     + ["Upload refused: larger than [scanner] max_size, "
+                                        "cannot be scanned; nothing stored"]))
             except Aborted:
                 code = 426
                 if conn:
@@ -803,15 +907,17 @@ class Proxy:
                 code = err.code
                 return self.r(err.code, *(notes + [b.decode("utf-8", "replace")
                                                    for b in err.body_lines()]))
-            r = self.up.command(t.verb.encode() + b" " + t.arg)
+            # APPE too is sent as STOR of the whole scanned file: an APPE
+            # would add the new part to whatever the server holds by now,
+            # which another session may have changed since the fetch.
+            r = self.up.command(b"STOR " + t.arg)
             if not 100 <= r.code < 200:
                 dsock.close()
                 code = r.code
                 return self.r(r.code, *(notes + [b.decode("utf-8", "replace")
                                                   for b in r.body_lines()]))
             try:
-                send_file(dsock, f, existing, self.ftp["data_timeout"], self.make_tick(),
-                          False)
+                send_file(dsock, f, 0, self.ftp["data_timeout"], self.make_tick(), False)
             except Aborted:
                 # the server holds a partial copy of a clean file; tell it to stop
                 dsock.close()

@@ -364,8 +364,6 @@ def test_server_150_and_never_any_data(proxy):
         srv.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: after 150- keep-alives a lost/silent server ends "
-                   "the reply with 421, not '150 ...' then 4xx")
 def test_server_150_and_never_any_data_with_progress(proxy):
     """With progress = yes the client has seen '150-' lines: whatever goes
     wrong next, that reply must end with '150 ' (a multi-line reply ends
@@ -767,9 +765,6 @@ def test_b36_fragment_variations(proxy, ftpd):
     assert server_file(ftpd, name) == b"whole and clean"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: APPE scans existing+new but then sends APPE "
-                   "upstream; a file changed between the fetch and the APPE gets unscanned "
-                   "fragments assembled (EICAR stored)")
 def test_b36_appe_race_between_sessions(proxy, ftpd):
     """Session A starts APPE: the proxy fetches the (clean) file and says
     150.  Before A sends its bytes, session B replaces the file with the
@@ -914,8 +909,6 @@ def test_scanner_that_hangs_forwards_nothing(tmp_path, ftpd):
 
 # -- the bytes served are not the bytes scanned ------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: REST+RETR scans the whole file but serves a "
-                   "suffix; a suffix that is itself a known file (hash signature) is delivered")
 def test_rest_serves_a_suffix_that_a_hash_signature_knows(proxy, ftpd):
     """clamd's hash signatures (most of a real database) name whole files.
     'junk + known file' is clean as a whole; REST past the junk serves
@@ -970,8 +963,6 @@ def clamd_crlf(tmp_path_factory):
     c.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: TYPE A downloads scan the stored LF bytes and "
-                   "serve CRLF bytes; a file known in its CRLF form is delivered")
 def test_ascii_conversion_serves_bytes_never_scanned(proxy, ftpd, clamd_crlf):
     """The server stores the LF form (clean); a TYPE A download gets the
     CRLF form, which the scanner knows.  The client must not receive it."""
@@ -1017,9 +1008,6 @@ def test_skip_extensions_rename_to_a_scanned_name(proxy, ftpd):
     assert server_file(ftpd, "note.com") is None
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: STOR spools an upload without any size cap; "
-                   "past [scanner] max_size with on_unscannable=reject it keeps filling the "
-                   "spool until the client stops")
 def test_oversized_upload_is_not_spooled_without_end(clamd, ftpd, tmp_path):
     """max_size = 1 MiB and on_unscannable = reject: the file will be
     refused whatever it holds, so the proxy has no reason to spool more

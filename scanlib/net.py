@@ -8,9 +8,10 @@ SMTP: one decision per transaction by the client: inside -> outbound,
 outside -> inbound.  FTP: by where the data goes: into an inside host from
 an outside one is inbound, the reverse outbound, anything else None (the
 base section applies).
-"""
 
-import ipaddress
+ipaddress is imported only when an address is judged (it costs ~1-4 ms,
+and the greeting must not wait for it); peer_of_stdin() does without it.
+"""
 
 INBOUND = "inbound"
 OUTBOUND = "outbound"
@@ -19,6 +20,7 @@ OUTBOUND = "outbound"
 def normalise(addr):
     """An ip_address for addr (str or address), IPv4-mapped -> IPv4, IPv6
     scope ids dropped.  Raises ValueError for what is not an address."""
+    import ipaddress
     if not isinstance(addr, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
         text = str(addr).strip()
         if text.startswith("[") and text.endswith("]"):
@@ -34,7 +36,15 @@ class Networks:
     """A set of networks ('inside'); membership after normalising."""
 
     def __init__(self, specs):
-        self.nets = [ipaddress.ip_network(s, strict=False) for s in specs]
+        self.specs = list(specs)
+        self._nets = None
+
+    @property
+    def nets(self):
+        if self._nets is None:
+            import ipaddress
+            self._nets = [ipaddress.ip_network(s, strict=False) for s in self.specs]
+        return self._nets
 
     def __contains__(self, addr):
         try:
@@ -72,6 +82,25 @@ def is_public_target(addr, inside):
                 or a.is_multicast or a.is_reserved)
 
 
+def canonical_text(addr):
+    """Text of an address the kernel gave (getpeername/getsockname, already
+    canonical): IPv4-mapped -> IPv4, scope id dropped; no ipaddress import."""
+    addr = addr.split("%", 1)[0]
+    low = addr.lower()
+    if low.startswith("::ffff:"):
+        rest = low[7:]
+        if "." in rest and ":" not in rest:
+            return rest                            # inet_ntop's form
+        hi, _, lo = rest.partition(":")            # '::ffff:102:304' form
+        if lo and ":" not in lo and len(hi) <= 4 and len(lo) <= 4:
+            try:
+                v = int(hi, 16) << 16 | int(lo, 16)
+            except ValueError:
+                return addr
+            return "%d.%d.%d.%d" % (v >> 24, v >> 16 & 255, v >> 8 & 255, v & 255)
+    return addr
+
+
 def peer_of_stdin(environ=None):
     """The client's (address, port) for a process spawned with the socket on
     fd 0: getpeername, else $REMOTE_ADDR/$REMOTE_PORT (systemd), else
@@ -88,7 +117,7 @@ def peer_of_stdin(environ=None):
         try:
             peer = s.getpeername()
             if isinstance(peer, tuple) and peer:
-                return str(normalise(peer[0])), int(peer[1])
+                return canonical_text(peer[0]), int(peer[1])
         except (OSError, ValueError):
             pass
         finally:

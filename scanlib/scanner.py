@@ -597,10 +597,5 @@ def _ep_text(ep):
 
 
 def _log():
-    import logging
-    log = logging.getLogger("virusgw")
-    if not log.handlers:
-        # Never let logging's last resort write to stderr (a client's socket
-        # under inetd) before scanlib.log.setup() ran.
-        log.addHandler(logging.NullHandler())
-    return log
+    from scanlib.log import LOG
+    return LOG

@@ -438,13 +438,17 @@ def test_summary_line():
 
 
 LOG_SCRIPT = textwrap.dedent("""
-    import logging, os, sys
+    import os, sys
     from scanlib import log
     lg = log.setup("virusgw-test", sys.argv[1], debug=sys.argv[2] == "debug")
     lg.info("hello %s", "world")
     os.write(2, b"RAW-FD2\\n")
     sys.stderr.write("PY-STDERR\\n"); sys.stderr.flush()
-    logging.getLogger("virusgw").error("bad %s", "args", "too many")   # a formatting error
+    log.LOG.error("bad %s", "args", "too many")   # a formatting error
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        lg.exception("caught %s", "it")
     print("done", flush=True)
     """)
 
@@ -455,7 +459,10 @@ def test_log_without_debug_silences_fd2(tmp_path):
                        text=True, timeout=30, cwd=REPO)
     assert r.stdout == "done\n"
     assert r.stderr == ""          # under inetd this would be the client's socket
-    assert "virusgw-test[" in logfile.read_text() and "hello world" in logfile.read_text()
+    text = logfile.read_text()
+    assert "virusgw-test[" in text and "hello world" in text
+    assert "ERROR bad %s ('args', 'too many')" in text      # a bad format string is logged, not raised
+    assert "ERROR caught it\nTraceback" in text and "ZeroDivisionError" in text
 
 
 def test_log_with_debug_uses_stderr(tmp_path):
@@ -464,7 +471,7 @@ def test_log_with_debug_uses_stderr(tmp_path):
                        text=True, timeout=30, cwd=REPO)
     assert r.stdout == "done\n"
     assert "hello world" in r.stderr and "RAW-FD2" in r.stderr
-    assert "Traceback" not in r.stderr      # raiseExceptions is off
+    assert "ERROR caught it" in r.stderr and "ZeroDivisionError" in r.stderr
 
 
 def test_log_never_raises_on_a_broken_handler(tmp_path):
@@ -549,3 +556,16 @@ def test_check_config_exit_codes(tmp_path):
     r = subprocess.run([virusgw, "check-config"], capture_output=True, text=True,
                        env=dict(env, VIRUSGW_CONF=str(bad)), timeout=60)
     assert r.returncode == 78
+
+
+@given(st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)))
+def test_canonical_text_agrees_with_normalise(addr):
+    """peer_of_stdin's cheap path (no ipaddress import) gives the same text
+    as the full normaliser for every address the kernel can hand out."""
+    family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
+    kernel = socket.inet_ntop(family, addr.packed)          # what getpeername gives
+    for text in (kernel, str(addr)):
+        assert net.canonical_text(text) == str(net.normalise(text))
+    if addr.version == 4:
+        mapped = socket.inet_ntop(socket.AF_INET6, b"\0" * 10 + b"\xff\xff" + addr.packed)
+        assert net.canonical_text(mapped) == str(addr)

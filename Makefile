@@ -66,7 +66,7 @@ demo: venv
 	$(VPY) tests/demo.py $(if $(KEEP),--keep,) $(if $(CLAMD),--clamd $(CLAMD),) $(if $(CONF),--config $(CONF),)
 
 bench: venv
-	$(VPY) tests/bench/run.py
+	$(VPY) tests/bench/run.py $(BENCH_ARGS)
 
 # A real host: the package in its own venv under PREFIX (not editable),
 # the three programs linked into BINDIR, the man pages into MANDIR.

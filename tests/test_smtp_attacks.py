@@ -1103,3 +1103,35 @@ def test_hung_scanner_deadline_then_quit_closes(tmp_path, clamd, sink, portions)
     (the process does not wait for scans still blocked on the hung scanner;
     the client's 10 s socket timeout is far above the expected ~0 s)."""
     assert _hung_scanner_session(tmp_path, clamd, sink, portions, 120) is None
+
+
+# -- the real sendmail -bs upstream (exim) -------------------------------------------------------
+
+from tests.test_smtp_exim import exim  # noqa: E402,F401  (the private exim fixture)
+
+
+@pytest.mark.parametrize("body", [
+    b"Subject: nul\r\n\r\nbefore\r\n\x00.\r\n" + SMUGGLED + b"\x00.\r\nafter\r\n",
+    b"Subject: nul\r\n\r\nbefore\r\n.\x00\r\n" + SMUGGLED + b".\x00\r\nafter\r\n",
+    b"Subject: dots\r\n\r\n.\r\n..\r\n" + b".MAIL FROM:<evil@example.com>\r\n.\r\n",
+], ids=["nul-dot", "dot-nul", "stuffed-dots"])
+def test_exim_never_sees_a_second_transaction(tmp_path, clamd, exim, body):
+    """Through a real `sendmail -bs` (exim): NULs around a dot line and
+    lines made only of dots never end exim's DATA early; exim delivers one
+    message with the content as sent, or nothing."""
+    from tests.rig.activate import activated, proxy_argv, write_config
+    conf = write_config(tmp_path, "[scanner]\nclamd = %s\n[smtp]\nupstream = %s\n"
+                        "local_domains = example.net\n" % (", ".join(clamd.endpoints), exim.upstream))
+    with activated(proxy_argv("virusgw-smtpproxy", conf)) as hp:
+        reply = one_message(hp, body)
+        if reply[0] == 250:
+            wait_until(lambda: exim.messages(), timeout=10, what="exim's delivery")
+    got = exim.messages()
+    assert len(got) <= 1
+    if reply[0] == 250:
+        (msg,) = got
+        assert msg.replace(b"\r\n", b"\n").endswith(body.split(b"\r\n\r\n", 1)[1].replace(b"\r\n", b"\n"))
+        assert b"Subject: smuggled" not in msg.split(b"\n\n", 1)[0]
+    else:
+        assert 500 <= reply[0] < 600 and got == []
+    assert_spool_empty(tmp_path)

@@ -465,8 +465,8 @@ class Proxy:
         Servers answer ABOR with 426+226, or 226 (the transfer had ended)
         then 225/226: a NOOP after it marks where the replies end, so the
         control connection is back in step whichever way it went."""
-        self.up.send(b"ABOR")
-        self.up.send(b"NOOP")
+        self.up.send(b"ABOR", check=False)
+        self.up.send(b"NOOP", check=False)
         deadline = time.monotonic() + 15
         while True:
             r = self.up.reply(timeout=max(0.1, deadline - time.monotonic()))
@@ -493,7 +493,7 @@ class Proxy:
         if err is not None:
             return self.send(err.raw())
         line = t.verb.encode() + (b" " + t.arg if t.arg else b"")
-        r = self.up.command(line)
+        r = self.up.transfer_command(line)
         if not 100 <= r.code < 200:
             dsock.close()
             return self.send(r.raw())
@@ -528,7 +528,7 @@ class Proxy:
         dsock, err = self.up.open_data()
         if err is not None:
             return None, err.raw()
-        r = self.up.command(b"RETR " + path)
+        r = self.up.transfer_command(b"RETR " + path)
         if not 100 <= r.code < 200:
             dsock.close()
             return None, r.raw()
@@ -910,7 +910,7 @@ class Proxy:
             # APPE too is sent as STOR of the whole scanned file: an APPE
             # would add the new part to whatever the server holds by now,
             # which another session may have changed since the fetch.
-            r = self.up.command(b"STOR " + t.arg)
+            r = self.up.transfer_command(b"STOR " + t.arg)
             if not 100 <= r.code < 200:
                 dsock.close()
                 code = r.code

@@ -20,6 +20,18 @@ Data connections to the server are always the proxy's own, in passive
 mode (EPSV, then PASV if the server refuses EPSV), to the server's control
 address: the address in a 227 reply is never used (it may name another
 host, RFC 2577).
+
+The server's replies must answer the proxy's commands one for one: a
+reply (or part of one) already waiting when a command is about to be sent,
+a reply to EPSV/PASV other than 229/227/5xx, or a 2xx/3xx to a transfer
+command (where only 1xx, 4xx or 5xx can come first) is a protocol error
+(UpstreamError: the client gets 421 and the session ends), so an extra
+reply can never be taken as the answer to a later command, such as a 226
+for an upload the server never got.
+
+Commands are sent with every 0xFF byte doubled (Telnet IAC IAC, RFC 854
+and RFC 2640 3.1): a file name holding 0xFF (which the client sent as
+IAC IAC, undone by the line reader) reaches the server as the same name.
 """
 
 import fnmatch
@@ -216,14 +228,39 @@ class Upstream:
     def fileno(self):
         return self.sock.fileno()
 
-    def send(self, line):
+    def send(self, line, check=True):
+        """Send one command.  check: first make sure the server has said
+        nothing unasked (see the module docstring); abort_upstream turns it
+        off, since the replies of the transfer it stops may be on their way."""
+        if check:
+            self.check_quiet()
         try:
-            self.sock.sendall(line + b"\r\n")
+            self.sock.sendall(line.replace(b"\xff", b"\xff\xff") + b"\r\n")
         except OSError as e:
             raise UpstreamError("lost the server: %s" % (e.strerror or e))
 
     def pending(self):
         return bool(self.replies)
+
+    def check_quiet(self):
+        """UpstreamError if the server sent anything not yet asked for."""
+        if not self.replies and not self.parser.buf and not self.parser.pending:
+            r, _, _ = select.select([self.sock], [], [], 0)
+            if r:
+                self.read_some()
+        if self.replies or self.parser.buf or self.parser.pending:
+            what = (self.replies[0].lines[0] if self.replies else
+                    (self.parser.pending[0] if self.parser.pending else self.parser.buf))
+            raise UpstreamError("server protocol error: unsolicited reply %r" % bytes(what[:80]))
+
+    def transfer_command(self, line):
+        """Send RETR/STOR/LIST...; the reply is 1xx (go ahead) or a 4xx/5xx
+        refusal.  A 2xx or 3xx here is a protocol error."""
+        r = self.command(line)
+        if 200 <= r.code < 400:
+            raise UpstreamError("server protocol error: %d in answer to a transfer command"
+                                % r.code)
+        return r
 
     def read_some(self):
         """Read what is there (the caller saw the socket readable)."""
@@ -285,12 +322,16 @@ class Upstream:
                     port = _addr.parse_epsv_reply(r.text)
                 except _addr.AddrError as e:
                     raise UpstreamError(e.text)
-            elif self.family == socket.AF_INET and 500 <= r.code < 600:
+            elif not 500 <= r.code < 600:
+                raise UpstreamError("server protocol error: %d in answer to EPSV" % r.code)
+            elif self.family == socket.AF_INET:
                 self.epsv_ok = False
             else:
                 return None, r
         if port is None:
             r = self.command(b"PASV")
+            if r.code != 227 and not 500 <= r.code < 600:
+                raise UpstreamError("server protocol error: %d in answer to PASV" % r.code)
             if r.code != 227:
                 return None, r
             try:

@@ -1213,9 +1213,6 @@ def _stor_with_extra_reply(c, name):
     c.send(b"226 stored\r\n226 unsolicited: stored again\r\n")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an unsolicited server reply desynchronises the "
-                   "upstream leg: it is taken as the EPSV answer and relayed as the client's "
-                   "226 for an upload the server never received")
 def test_unsolicited_server_reply_never_becomes_a_226(proxy):
     """A server sends one reply too many.  Whatever the proxy does with it
     (drop it, or end the session with 421), a client must never hear 2xx

@@ -508,3 +508,110 @@ def test_session_total_on_hostile_lines(lines, mode, state):
         if isinstance(a, S.Reply):
             assert a.data.endswith(b"\r\n") and a.data[:3].isdigit()
             assert a.data.count(b"\r\n") == 1 or a.data[3:4] == b"-"
+
+
+# -- the upstream leg: replies answer commands one for one (real loopback sockets) -------
+
+class _Server:
+    """The server end of a loopback TCP connection to an Upstream: answers
+    each command line it gets with the next scripted reply."""
+
+    def __init__(self, script=()):
+        import socket
+        import threading
+        lst = socket.socket()
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(1)
+        c = socket.create_connection(lst.getsockname(), timeout=5)
+        self.sock, _ = lst.accept()
+        lst.close()
+        self.sock.settimeout(5)
+        self.up = U.Upstream(c, timeout=5)
+        self.got = []
+        self.script = list(script)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        buf = b""
+        try:
+            while self.script:
+                while b"\r\n" not in buf:
+                    data = self.sock.recv(4096)
+                    if not data:
+                        return
+                    buf += data
+                line, buf = buf.split(b"\r\n", 1)
+                self.got.append(line)
+                self.sock.sendall(self.script.pop(0))
+        except OSError:
+            pass
+
+    def unasked(self, data):
+        """Send data unasked, and wait until the proxy's end can read it."""
+        import select
+        self.sock.sendall(data)
+        assert select.select([self.up.sock], [], [], 5)[0]
+
+    def close(self):
+        self.up.close(quit=False)            # the script thread then sees EOF
+        self.thread.join(5)
+        self.sock.close()
+
+
+@pytest.mark.parametrize("extra", [b"226 unsolicited\r\n", b"22", b"226-multi\r\n"])
+def test_upstream_unsolicited_reply_before_a_command(extra):
+    srv = _Server([b"200 NOOP ok\r\n"])
+    try:
+        assert srv.up.command(b"NOOP").code == 200
+        srv.unasked(extra)
+        with pytest.raises(U.UpstreamError) as e:
+            srv.up.send(b"EPSV")
+        assert "unsolicited" in str(e.value)
+        assert srv.got == [b"NOOP"]                 # the command was never sent
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("answer,fatal", [
+    (b"226 Transfer complete\r\n", True), (b"200 ok\r\n", True), (b"150 go\r\n", True),
+    (b"425 no\r\n", True), (b"502 no EPSV\r\n", False)])
+def test_upstream_epsv_answers(answer, fatal):
+    """EPSV: 229, or 5xx (then PASV on IPv4); anything else is a protocol
+    error.  (Here PASV is refused too, so a 5xx ends as an error reply.)"""
+    srv = _Server([answer, b"500 no PASV either\r\n"])
+    try:
+        if fatal:
+            with pytest.raises(U.UpstreamError):
+                srv.up.open_data()
+        else:
+            dsock, err = srv.up.open_data()
+            assert dsock is None and err.code == 500
+            assert srv.got == [b"EPSV", b"PASV"]
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("answer,fatal", [(b"226 stored\r\n", True), (b"350 more\r\n", True),
+                                          (b"150 go\r\n", False), (b"550 no\r\n", False),
+                                          (b"451 later\r\n", False)])
+def test_upstream_transfer_command_answers(answer, fatal):
+    srv = _Server([answer])
+    try:
+        if fatal:
+            with pytest.raises(U.UpstreamError):
+                srv.up.transfer_command(b"STOR x")
+        else:
+            assert srv.up.transfer_command(b"STOR x").code == int(answer[:3])
+    finally:
+        srv.close()
+
+
+def test_upstream_doubles_iac_in_commands():
+    """0xFF in a name reaches the server as IAC IAC (RFC 854, RFC 2640)."""
+    srv = _Server([b"213 5\r\n"])
+    try:
+        srv.up.command(b"SIZE caf\xe9-\xff\xfe.bin")
+        assert srv.got == [b"SIZE caf\xe9-\xff\xff\xfe.bin"]
+    finally:
+        srv.close()

@@ -289,10 +289,11 @@ class Proxy:
         except Stop:
             return
         except UpstreamError as e:
-            self.log.warning("upstream: %s", e)
+            from scanlib.log import escape
+            self.log.warning("upstream: %s", escape(str(e)))     # server text: never raw
             self.result = "upstream-error"
             try:
-                self.r(421, "Service not available: %s" % e)
+                self.r(421, "Service not available: %s" % self.safe(str(e)))
             except ClientGone:
                 pass
         except ClientGone:
@@ -348,7 +349,8 @@ class Proxy:
             try:
                 self.up.ensure_binary()
             except UpstreamError as e:
-                self.log.debug("TYPE I after login: %s", e)
+                from scanlib.log import escape
+                self.log.debug("TYPE I after login: %s", escape(str(e)))
 
     def login(self, a):
         from ftpproxy.upstream import Upstream, UpstreamError, Denied, resolve
@@ -374,9 +376,10 @@ class Proxy:
                 self.up = None
                 return self.r(530, "Server not allowed: %s" % e)
             except UpstreamError as e:
-                self.log.warning("upstream: %s", e)
+                from scanlib.log import escape
+                self.log.warning("upstream: %s", escape(str(e)))
                 self.result = "upstream-unreachable"
-                self.r(421, "Cannot reach the FTP server: %s" % e)
+                self.r(421, "Cannot reach the FTP server: %s" % self.safe(str(e)))
                 raise Stop()
         self.session.user = a.user
         self.relay(S.Relay("USER", a.line))

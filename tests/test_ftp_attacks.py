@@ -1102,8 +1102,6 @@ def test_dual_stack_front_keeps_the_rules(proxy):
         other.close()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the server's reply text is logged raw in "
-                   "'upstream: ...' lines (controls, ESC, NUL, CR reach the log)")
 def test_hostile_server_text_never_raw_in_the_log(proxy, tmp_path):
     """A server that greets with 421 and control bytes in its text: the
     client gets a clean 421, and the log holds the text escaped (no ESC,

@@ -54,6 +54,11 @@ what is scanned is exactly what the server stores or serves):
         scan, too late for the '150 FILE:' reply; a client that wants a
         unique name can pick one and use STOR.
   LIST, NLST, MLSD  relayed unscanned.
+  RNTO  refused (553) when the accepted RNFR named a file whose extension
+        is in skip_extensions (of either direction) and the new name's is
+        not: such a file may have been stored unscanned, and renaming it
+        would put unscanned content under a name the rule always scans.
+        (A directory named like a skipped file is caught by this too.)
   ABOR  in band, as TCP urgent data (SO_OOBINLINE is set on the control
         socket so the bytes stay in the stream) or behind Telnet IAC IP/DM
         (stripped by the line reader): stops both legs and the scan; the
@@ -332,12 +337,20 @@ class Proxy:
     def relay(self, a):
         if self.up is None:
             return self.r(530, "Please login with USER and PASS")
+        if a.verb == "RNTO":
+            source, self.rnfr = self.rnfr, None
+            refusal = self.rename_refusal(source, a.line.partition(b" ")[2])
+            if refusal:
+                return self.r(553, refusal)
+        self.rnfr = None
         self.up.send(a.line)
         while True:
             r = self.up.reply()
             self.send(r.raw())
             if r.code >= 200:
                 break
+        if a.verb == "RNFR" and r.code == 350:
+            self.rnfr = a.line.partition(b" ")[2]
         was = self.session.state
         self.session.upstream_reply(a.verb, r.code)
         if was != S.READY and self.session.state == S.READY:
@@ -351,6 +364,24 @@ class Proxy:
             except UpstreamError as e:
                 from scanlib.log import escape
                 self.log.debug("TYPE I after login: %s", escape(str(e)))
+
+    rnfr = None          # the name of an accepted RNFR, until the next command
+
+    def rename_refusal(self, source, target):
+        """Why RNFR source / RNTO target is refused, or None.  A file whose
+        name skip_extensions skips may have passed unscanned; it must not
+        get a name that the rule says is always scanned (in either
+        direction's view)."""
+        if source is None:
+            return None
+        from scanlib import filetype
+        for upload in (True, False):
+            skip = self.conf.view("ftp", self.direction(upload)).get("skip_extensions") or []
+            if (filetype.extension_skips(source, skip)
+                    and not filetype.extension_skips(target, skip)):
+                return ("Rename refused: %s may have passed unscanned (skip_extensions) "
+                        "and cannot take a name that is scanned" % self.safe(source))
+        return None
 
     def login(self, a):
         from ftpproxy.upstream import Upstream, UpstreamError, Denied, resolve

@@ -64,6 +64,11 @@ what is scanned is exactly what the server stores or serves):
         (stripped by the line reader): stops both legs and the scan; the
         client hears 426 for the transfer, then 226 for the ABOR.
 
+Quarantine: action = quarantine stores every refused file and names the
+entry.  keep_blocked copies (delete/reject, named to nobody) are kept once
+per content: the same sha256 kept in the last hour (KEEP_BLOCKED_DEDUP) is
+not stored again, so repeating a refused RETR cannot fill the store.
+
 Logging: one summary line per transfer (id, client, user, server,
 direction, command, path, size, verdict, viruses, action, qid, reply and
 secs=PHASE:SECONDS for fetch/receive, scan, send/upload) and one per session
@@ -82,6 +87,7 @@ from ftpproxy.replies import reply
 IDENT = "virusgw-ftpproxy"
 LISTINGS = ("LIST", "NLST", "MLSD")
 MAX_QUEUED = 64          # commands read ahead while a transfer runs
+KEEP_BLOCKED_DEDUP = 3600    # seconds: a blocked copy of the same bytes is kept once
 
 
 class ClientGone(Exception):
@@ -641,9 +647,26 @@ class Proxy:
             out.append("Quarantined as %s" % qid)
         return out
 
-    def quarantine(self, f, meta):
+    def quarantine(self, f, meta, dedup=False):
+        """Store f; with dedup (a keep_blocked copy, named to nobody) skip it
+        when the same bytes were kept in the last KEEP_BLOCKED_DEDUP seconds:
+        a client repeating a refused RETR cannot fill the store."""
         from scanlib.quarantine import Store
         store = Store.from_config(self.conf["quarantine"])
+        if dedup:
+            import hashlib
+            h = hashlib.sha256()
+            pos = 0
+            while True:
+                block = os.pread(f.fileno(), 1 << 20, pos)
+                if not block:
+                    break
+                h.update(block)
+                pos += len(block)
+            old = store.recent_copy(h.hexdigest(), KEEP_BLOCKED_DEDUP)
+            if old is not None:
+                self.log.debug("blocked copy not kept again: same bytes as %s", old)
+                return None
         f.seek(0)
         return store.add(f, meta)
 
@@ -680,7 +703,7 @@ class Proxy:
             return None, None
         meta = self.meta(verb, path, direction, verdict, decision)
         try:
-            qid = self.quarantine(f, meta)
+            qid = self.quarantine(f, meta, dedup=decision.action != "quarantine")
         except (QuarantineError, OSError) as e:
             self.log.warning("quarantine: %s", e)
             if decision.action == "quarantine":

@@ -479,6 +479,27 @@ class Store:
         """The entry's bytes, a binary file opened for reading."""
         return self._open(qid, CONTENT)
 
+    def recent_copy(self, sha256, seconds, match=None):
+        """The ID of an entry created in the last `seconds` whose content
+        has this sha256 (and whose meta has every key/value of `match`),
+        or None.  Reads only the meta of entries that recent (IDs sort by
+        time): a caller keeping blocked copies skips the same bytes
+        blocked again and again, so a remote client repeating a refused
+        transfer cannot fill the store."""
+        since = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(
+            seconds=seconds)
+        for qid in self.ids():
+            if id_time(qid) < since:
+                break
+            try:
+                meta = self.get(qid)
+            except QuarantineError:
+                continue
+            if meta.get("sha256") == sha256 and all(meta.get(k) == v
+                                                    for k, v in (match or {}).items()):
+                return qid
+        return None
+
     # -- changes (the CLI) ----------------------------------------------------------
 
     def update(self, qid, change):

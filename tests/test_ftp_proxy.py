@@ -930,3 +930,10 @@ def test_keep_blocked_copy_of_deleted_file(proxy, tmp_path):
         meta = json.load(m)
     assert meta["state"] == "blocked" and meta["action"] == "delete"
     assert meta["ftp_path"] == "eicar.com" and EICAR_NAME in meta["viruses"]
+    # the same bytes refused again (and again) are not kept again: a remote
+    # client cannot fill the store by repeating a refused RETR
+    for _ in range(3):
+        with pytest.raises(ftplib.error_perm):
+            f.retrbinary("RETR eicar.com", lambda b: None)
+    assert f.voidcmd("NOOP").startswith("200")
+    assert [n for n in os.listdir(qdir) if not n.startswith(".")] == entries

@@ -615,3 +615,24 @@ def test_upstream_doubles_iac_in_commands():
         assert srv.got == [b"SIZE caf\xe9-\xff\xff\xfe.bin"]
     finally:
         srv.close()
+
+
+def test_store_recent_copy(tmp_path):
+    """Store.recent_copy finds an entry of the same bytes made recently,
+    with matching meta, and nothing else."""
+    import hashlib
+    from scanlib.quarantine import Store
+    store = Store(str(tmp_path / "q"))
+    qid = store.add(str(_write(tmp_path / "a", b"same bytes")), {"protocol": "ftp"})
+    store.add(str(_write(tmp_path / "b", b"other bytes")), {"protocol": "ftp"})
+    sha = hashlib.sha256(b"same bytes").hexdigest()
+    assert store.recent_copy(sha, 3600) == qid
+    assert store.recent_copy(sha, 3600, match={"protocol": "ftp"}) == qid
+    assert store.recent_copy(sha, 3600, match={"protocol": "smtp"}) is None
+    assert store.recent_copy(hashlib.sha256(b"never").hexdigest(), 3600) is None
+    assert store.recent_copy(sha, -1) is None            # nothing that recent
+
+
+def _write(path, data):
+    path.write_bytes(data)
+    return path

@@ -1135,3 +1135,41 @@ def test_exim_never_sees_a_second_transaction(tmp_path, clamd, exim, body):
     else:
         assert 500 <= reply[0] < 600 and got == []
     assert_spool_empty(tmp_path)
+
+
+# -- an encoded message/rfc822 (RFC 2046 5.2.1 forbids any CTE but 7bit/8bit/binary) ------------
+
+def _encoded_rfc822(inner, cte=b"base64"):
+    if cte == b"base64":
+        enc = _b64(inner)
+    else:
+        import quopri
+        enc = quopri.encodestring(inner.replace(b"\r\n", b"\n")).replace(b"\n", b"\r\n")
+    return mime(TEXT_PART, b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: " + cte
+                + b"\r\n\r\n" + enc)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG: a base64/QP-encoded message/rfc822 is decoded into one "
+                   "portion and left to clamd's mail parser: the splitter does not recurse into it, so "
+                   "a yEnc block inside is delivered as Clean")
+@pytest.mark.parametrize("cte", [b"base64", b"quoted-printable"])
+def test_encoded_rfc822_with_yenc_inside_is_not_delivered(tmp_path, clamd, sink, cte):
+    msg = _encoded_rfc822(b"Subject: y\r\n\r\nsee the file\r\n" + _yenc(EICAR), cte)
+    with proxy(tmp_path, clamd, sink.upstream) as hp:
+        reply = one_message(hp, msg)
+    refused(reply)
+    assert sink.messages == []
+    assert_spool_empty(tmp_path)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG: an ambiguous structure inside a base64-encoded "
+                   "message/rfc822 is never checked (and the encoded message/rfc822 itself, which RFC "
+                   "2046 5.2.1 forbids, is not malformed): delivered as Clean, not on_malformed")
+@pytest.mark.parametrize("name", ["dup-cte-7bit-first", "boundary-case-mismatch",
+                                  "base64-padding-mid-stream"])
+def test_encoded_rfc822_with_ambiguous_inside_is_malformed(tmp_path, clamd, sink, name):
+    with proxy(tmp_path, clamd, sink.upstream) as hp:
+        reply = one_message(hp, _encoded_rfc822(HARMLESS[name]))
+    assert "5.6.0" in refused(reply)
+    assert sink.messages == []
+    assert_spool_empty(tmp_path)

@@ -13,8 +13,9 @@ what is scanned is exactly what the server stores or serves):
         -> CRLF) is written to a second spool file and scanned as its own
         item along with the whole; the strongest verdict wins, and that
         second file is what is sent.  (A hash signature can know a suffix
-        or a CRLF form that the stored whole does not match.)  Refused files get 550 as the first reply, with the
-        scanner's finding in continuation lines.  With `progress = yes` a
+        or a CRLF form that the stored whole does not match.)  Refused
+        files get 550 as the first reply, with the scanner's finding in
+        continuation lines.  With `progress = yes` a
         long fetch or scan sends '150-' keep-alive lines; the reply then
         ends with '150 ...' and a refused file gets 451 with no data.
   REST  remembered by the proxy (350).  REST + RETR fetches the whole file

@@ -147,6 +147,14 @@ def serve(module_name, listen_fd, argv=None):
     log, max_children = _settings(ident, argv)
     main = preload(module_name)
 
+    # inetd `wait` hands the listener as fds 0, 1 and 2 (systemd with
+    # StandardInput=socket as 0 besides 3): only listen_fd stays a listener,
+    # or a copy would keep the port open after SIGTERM.
+    for fd in (0, 1, 2):
+        if fd != listen_fd and _accepting(fd):
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, fd)
+            os.close(null)
     # Nothing in the children may take the listener for their own.
     for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(key, None)

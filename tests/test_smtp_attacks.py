@@ -1179,3 +1179,23 @@ def test_encoded_rfc822_with_ambiguous_inside_is_malformed(tmp_path, clamd, sink
     assert "5.6.0" in refused(reply)
     assert sink.messages == []
     assert_spool_empty(tmp_path)
+
+
+def test_hostile_envelope_text_cannot_forge_log_fields(tmp_path, clamd, sink):
+    """A quoted local part full of spaces and key=value text: the summary
+    line still has exactly one of each field, the hostile text escaped."""
+    from tests.test_smtp_proxy import log_text
+    sender = b'"x verdict=clean action=deliver\\" qid=forged"@example.com'
+    stream = (b"EHLO c.example\r\nMAIL FROM:<" + sender + b">\r\nRCPT TO:<r@example.net>\r\nDATA\r\n"
+              + stuff(b"Subject: v\r\n\r\n" + EICAR + b"\r\n") + b"QUIT\r\n")
+    with proxy(tmp_path, clamd, sink.upstream) as hp:
+        replies = dialogue(hp, stream)
+        log = log_text(tmp_path)
+    assert codes(replies) == [250, 250, 250, 354, 554, 221], replies
+    (line,) = [l for l in log.splitlines() if " id=" in l and " from=" in l]
+    words = line.split(" INFO ", 1)[1].split(" ")
+    keys = [w.split("=", 1)[0] for w in words]
+    assert keys.count("verdict") == 1 and keys.count("action") == 1 and keys.count("qid") == 1, line
+    fields = dict(w.split("=", 1) for w in words)
+    assert fields["action"] != "deliver" and "forged" in fields["from"]
+    assert sink.messages == []

@@ -188,6 +188,7 @@ class _Parser:
         self.max_depth = max_depth
         self.max_parts = max_parts
         self.sink = None
+        self.remap = None           # set for the parser of a decoded message/rfc822
 
     def close_sink(self):
         if self.sink is not None:
@@ -255,7 +256,7 @@ class _Parser:
             return term
         if ct == "message/partial":
             st.bad("message/partial")
-        return self.leaf(ent, delims)
+        return self.leaf(ent, delims, depth)
 
     def headers(self, delims):
         """[(name_lower, value, raw)], and a delimiter if one interrupts."""
@@ -456,7 +457,7 @@ class _Parser:
                 cur.pos = len(cur.buf)
                 return None
 
-    def leaf(self, ent, delims):
+    def leaf(self, ent, delims, depth=0):
         st = self.st
         ct, cte = ent.ctype, ent.cte
         text = ct.startswith("text/") or ct == "message/rfc822"
@@ -476,15 +477,36 @@ class _Parser:
         ent.end = term[2] if term else self.cur.offset()
         self.sink = None
         sink.close()
+        if ct == "message/rfc822" and cte in ("base64", "quoted-printable"):
+            self.encoded_message(ent, sink.p.path, depth)
         return term
+
+    def encoded_message(self, ent, path, depth):
+        """RFC 2046 5.2.1 allows only 7bit, 8bit or binary for
+        message/rfc822: an encoded one is malformed, and its decoded text is
+        split like any message (its portions stand for the whole encoded
+        part when it comes to rewriting)."""
+        self.st.bad("encoded message/rfc822")
+        with open(path, "rb") as f:
+            sub = _Parser(_Cursor(f), self.spool, self.st, self.max_depth, self.max_parts)
+            sub.remap = ent
+            try:
+                sub.entity(ent.index + ".1", depth + 1, [], ent, "text/plain")
+            finally:
+                sub.close_sink()
 
     def new_portion(self, ent, encoding, suffix="", filename=None, span=None):
         if len(self.st.portions) >= self.max_parts:
             self.st.bad("more than %d portions" % self.max_parts)
             raise _Stop()
         f = self.spool.create(prefix="vgw-part-")
+        owner = ent
+        if self.remap is not None:
+            # Inside a decoded message/rfc822: offsets are not the message's;
+            # rewriting acts on the encoded part that holds it.
+            owner, span = self.remap, None
         p = Portion(ent.index + suffix, _path_of(f, self.spool), ent.ctype,
-                    ent.filename if filename is None else filename, encoding, ent, span)
+                    ent.filename if filename is None else filename, encoding, owner, span)
         self.st.portions.append(p)
         return p, f
 
@@ -632,7 +654,8 @@ class _UUScanner(_Lines):
         _Lines.__init__(self)
         self.parser, self.ent = parser, ent
         self.whole = whole
-        self.in_place = decoded_from is None     # offsets are message offsets
+        # offsets are message offsets (not inside a decoded part or message)
+        self.in_place = decoded_from is None and parser.remap is None
         self.cur = None                           # (portion, file, mode) while in a block
         self.count = 0
         self.base = ent.body_start

@@ -293,3 +293,22 @@ def test_multipart_whose_boundary_never_occurs_is_malformed(spool):
     data = multipart(ATT, boundary=b"Abc").replace(b"--Abc", b"--abc")
     st = split(spool, data)
     assert any("no body part" in m for m in st.malformed)
+
+
+@pytest.mark.parametrize("cte", ["base64", "quoted-printable"])
+def test_encoded_rfc822_is_malformed_and_split_inside(spool, cte):
+    inner = (b"Subject: inner\r\nContent-Type: multipart/mixed; boundary=i\r\n\r\n--i\r\n" + ATT
+             + b"\r\n--i\r\nContent-Type: text/plain\r\n\r\nhi\r\n" + _yenc(EICAR) + b"--i--\r\n")
+    body = base64.encodebytes(inner).replace(b"\n", b"\r\n") if cte == "base64" \
+        else binascii.b2a_qp(inner)                      # b2a_qp keeps the CRLFs
+    outer = multipart(TXT, b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: "
+                      + cte.encode() + b"\r\n\r\n" + body)
+    st = split(spool, outer)
+    assert "encoded message/rfc822" in st.malformed
+    hits = [p for p in st.portions if p.index != "1.2"]
+    assert found(st)[-2:] == ["1.2.1.1", "1.2.1.2/yenc1"]
+    # their rewriting target is the encoded part that holds them
+    assert all(p.entity.index == "1.2" and p.span is None for p in hits)
+    spans = __import__("smtpproxy.rewrite", fromlist=["plan"]).plan(
+        [__import__("smtpproxy.rewrite", fromlist=["Removal"]).Removal(p, "x") for p in hits])
+    assert len(spans) == 1 and outer[spans[0][0]:].startswith(b"Content-Type: message/rfc822")

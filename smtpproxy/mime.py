@@ -39,6 +39,7 @@ BLOCK = 1 << 18
 MAX_HEADER_BLOCK = 1 << 20
 MAX_HEADER_LINE = 1 << 16
 IDENTITY = ("7bit", "8bit", "binary")
+MESSAGES = ("message/rfc822", "message/global")     # parsed as nested messages
 ENCODINGS = IDENTITY + ("base64", "quoted-printable", "x-uuencode", "x-uue", "uuencode", "uue")
 _B64_DELETE = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 _WS = b" \t\r\n"
@@ -250,7 +251,7 @@ class _Parser:
         ct = ent.ctype
         if ct.startswith("multipart/"):
             return self.multipart(ent, depth, delims)
-        if ct == "message/rfc822" and ent.cte in IDENTITY:
+        if ct in MESSAGES and ent.cte in IDENTITY:
             term = self.entity(index + ".1", depth + 1, delims, ent, "text/plain")
             ent.end = term[2] if term else cur.offset()
             return term
@@ -460,7 +461,7 @@ class _Parser:
     def leaf(self, ent, delims, depth=0):
         st = self.st
         ct, cte = ent.ctype, ent.cte
-        text = ct.startswith("text/") or ct == "message/rfc822"
+        text = ct.startswith("text/") or ct in MESSAGES
         sink = None
         if cte == "base64":
             sink = _Base64(self, ent, st)
@@ -477,7 +478,7 @@ class _Parser:
         ent.end = term[2] if term else self.cur.offset()
         self.sink = None
         sink.close()
-        if ct == "message/rfc822" and cte in ("base64", "quoted-printable"):
+        if ct in MESSAGES and cte in ("base64", "quoted-printable"):
             self.encoded_message(ent, sink.p.path, depth)
         return term
 
@@ -486,7 +487,8 @@ class _Parser:
         message/rfc822: an encoded one is malformed, and its decoded text is
         split like any message (its portions stand for the whole encoded
         part when it comes to rewriting)."""
-        self.st.bad("encoded message/rfc822")
+        if ent.ctype == "message/rfc822":       # message/global may be encoded (RFC 6532 3.5)
+            self.st.bad("encoded message/rfc822")
         with open(path, "rb") as f:
             sub = _Parser(_Cursor(f), self.spool, self.st, self.max_depth, self.max_parts)
             sub.remap = ent
@@ -541,17 +543,23 @@ class _Lines:
 
 
 class _Raw:
+    """A non-text leaf sent as is: one portion, and any uuencoded or yEnc
+    block inside it extracted too (a reader may show those)."""
+
     def __init__(self, parser, ent):
         self.p, self.f = parser.new_portion(ent, "identity")
+        self.uu = _UUScanner(parser, ent)
 
     def write(self, data):
         self.f.write(data)
         self.p.size += len(data)
+        self.uu.write(data)
 
     def close(self):
         if self.f is not None:
             self.f.close()
             self.f = None
+            self.uu.close()
 
 
 class _Base64:

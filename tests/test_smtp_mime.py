@@ -312,3 +312,13 @@ def test_encoded_rfc822_is_malformed_and_split_inside(spool, cte):
     spans = __import__("smtpproxy.rewrite", fromlist=["plan"]).plan(
         [__import__("smtpproxy.rewrite", fromlist=["Removal"]).Removal(p, "x") for p in hits])
     assert len(spans) == 1 and outer[spans[0][0]:].startswith(b"Content-Type: message/rfc822")
+
+
+def test_uuencode_inside_a_binary_leaf_and_message_global(spool):
+    uu = (b"begin 644 e.com\r\n" + binascii.b2a_uu(EICAR[:45]).replace(b"\n", b"\r\n")
+          + binascii.b2a_uu(EICAR[45:]).replace(b"\n", b"\r\n") + b"`\r\nend\r\n")
+    data = multipart(b"Content-Type: application/octet-stream\r\n\r\nheader\r\n" + uu,
+                     b"Content-Type: message/global\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+                     + base64.encodebytes(b"Subject: g\r\n\r\n" + _yenc(EICAR)).replace(b"\n", b"\r\n"))
+    st = split(spool, data)
+    assert found(st) == ["1.1/uu1", "1.2.1/yenc1"] and not st.malformed

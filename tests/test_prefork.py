@@ -328,8 +328,9 @@ def test_per_connection_path_unchanged(tmp_path, clamd, sink):
     with activated(launcher("virusgw-smtpproxy", conf)) as (host, port):
         for i in range(2):
             assert send(port, CLEAN % (i, i, i)) == (250, "")
-    wait_until(lambda: log_of(tmp_path).count("conn=end") == 2, timeout=10,
-               what="two sessions logged")
+        # (inside: leaving stops the launcher's process group, proxies too)
+        wait_until(lambda: log_of(tmp_path).count("conn=end") == 2, timeout=10,
+                   what="two sessions logged")
     log = log_of(tmp_path)
     assert "prefork" not in log
     pids = {l.split("[", 1)[1].split("]", 1)[0] for l in log.splitlines() if "conn=end" in l}
@@ -397,3 +398,43 @@ def test_listening_tells_the_cases_apart():
         for s in (conn, acc, ls):
             s.close()
 
+
+
+# -- the shipped units ---------------------------------------------------------------
+
+PREFORK_UNITS = ["virusgw-smtpproxy-prefork.socket", "virusgw-smtpproxy-prefork.service"]
+
+
+def _verify(directory, tmp_path):
+    man = tmp_path / "man"
+    for page in os.listdir(os.path.join(REPO, "man")):
+        sect = man / ("man" + page[-1])
+        sect.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.join(REPO, "man", page), str(sect / page))
+    r = subprocess.run(["systemd-analyze", "verify"] + ["./" + u for u in PREFORK_UNITS],
+                       cwd=directory, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, MANPATH=str(man), SYSTEMD_LOG_COLOR="0"))
+    return r.returncode, (r.stdout + r.stderr).strip()
+
+
+def test_prefork_units_verify(tmp_path):
+    etc = os.path.join(REPO, "etc", "systemd")
+    assert _verify(etc, tmp_path) == (0, "")
+    # with the venv's real launcher, so that verify also checks it exists
+    d = tmp_path / "units"
+    d.mkdir()
+    for u in PREFORK_UNITS:
+        text = open(os.path.join(etc, u)).read()
+        (d / u).write_text(text.replace("ExecStart=-/usr/local/sbin/", "ExecStart=%s/" % VENV_BIN))
+    assert _verify(str(d), tmp_path / "m2") == (0, "")
+    sock = open(os.path.join(etc, PREFORK_UNITS[0])).read()
+    svc = open(os.path.join(etc, PREFORK_UNITS[1])).read()
+    assert "\nAccept=no\n" in sock and "\nStandardInput=socket\n" in svc
+    assert "\nKillMode=mixed\n" in svc and "\nUser=virusgw\n" in svc
+
+
+def test_inetd_wait_example_is_commented_out():
+    text = open(os.path.join(REPO, "etc", "inetd.conf")).read()
+    wait = [l for l in text.splitlines() if "\twait\t" in l or " wait " in l.replace("\t", " ")]
+    assert wait and all(l.startswith("#") for l in wait)
+    assert any("virusgw-smtpproxy" in l for l in wait)

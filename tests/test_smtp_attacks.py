@@ -7,8 +7,8 @@ or exactly the right bytes) and that the spool directory is empty
 afterwards.  Bugs found here are marked xfail(strict=True) until the
 proxy is fixed (the fix flips them), then stay as regression tests: the
 SMTPUTF8 path checks, the multipart with no body part, the virus in a
-kept header, the yEnc block and the hung-scanner exit were all found
-this way."""
+kept header, the yEnc block, the encoded message/rfc822 and the
+hung-scanner exit were all found this way."""
 
 import base64
 import json
@@ -1153,10 +1153,6 @@ def _encoded_rfc822(inner, cte=b"base64"):
                 + b"\r\n\r\n" + enc)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="BUG: a base64/QP-encoded message/rfc822 is decoded into one "
-                   "portion and left to clamd's mail parser: the splitter does not recurse into it, so "
-                   "a yEnc block inside is delivered as Clean")
 @pytest.mark.parametrize("cte", [b"base64", b"quoted-printable"])
 def test_encoded_rfc822_with_yenc_inside_is_not_delivered(tmp_path, clamd, sink, cte):
     msg = _encoded_rfc822(b"Subject: y\r\n\r\nsee the file\r\n" + _yenc(EICAR), cte)
@@ -1167,10 +1163,6 @@ def test_encoded_rfc822_with_yenc_inside_is_not_delivered(tmp_path, clamd, sink,
     assert_spool_empty(tmp_path)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="BUG: an ambiguous structure inside a base64-encoded "
-                   "message/rfc822 is never checked (and the encoded message/rfc822 itself, which RFC "
-                   "2046 5.2.1 forbids, is not malformed): delivered as Clean, not on_malformed")
 @pytest.mark.parametrize("name", ["dup-cte-7bit-first", "boundary-case-mismatch",
                                   "base64-padding-mid-stream"])
 def test_encoded_rfc822_with_ambiguous_inside_is_malformed(tmp_path, clamd, sink, name):

@@ -146,6 +146,8 @@ def serve(module_name, listen_fd, argv=None):
     ident = "virusgw-%s" % module_name.split(".")[0]
     log, max_children = _settings(ident, argv)
     main = preload(module_name)
+    import gc
+    gc.freeze()     # the warm objects: no collector work on them in the children, fewer copied pages
 
     # inetd `wait` hands the listener as fds 0, 1 and 2 (systemd with
     # StandardInput=socket as 0 besides 3): only listen_fd stays a listener,
@@ -275,6 +277,8 @@ def _child(conn, listen_fd, lsock, wake, old_handlers, main):
             os.close(fd)
         rc = main()
         rc = rc if isinstance(rc, int) else (0 if rc is None else 1)
+    except SystemExit as e:         # sys.exit() in main: its status, as the launcher would
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:           # never back into the parent's loop
         rc = 1
     os._exit(rc)

@@ -51,7 +51,7 @@ if not os.path.exists(VPY):
     VPY = sys.executable
 MiB = 1 << 20
 
-SMTP_COLUMNS = ("virusgw", "clamsmtp", "amavis", "sink")
+SMTP_COLUMNS = ("virusgw", "virusgw-prefork", "clamsmtp", "amavis", "sink")
 
 
 def log(msg):
@@ -309,8 +309,32 @@ class Bench:
             self.res["columns"][key] = "ok: %s under systemd-socket-activate" % name
             if key == "virusgw":
                 self.targets["virusgw"] = hp
+                self.setup_prefork(err)
             else:
                 self.ftp_proxy = hp
+
+    def setup_prefork(self, err):
+        """virusgw-prefork: the same launcher (from bin/) in its warm forking
+        mode, under systemd-socket-activate WITHOUT --inetd (the listening
+        socket as fd 3, started once: a .socket with Accept=no)."""
+        port = act.free_port()
+        argv = [act.ACTIVATE, "-l", "127.0.0.1:%d" % port] + self.env_flags + [
+            "-E", "PATH=" + os.path.dirname(VPY) + os.pathsep + os.environ.get("PATH", ""),
+            VPY, os.path.join(REPO, "bin", "virusgw-smtpproxy"), "-c", self.vconf]
+        try:
+            p = Proc(argv, os.path.join(self.vdir, "virusgw-prefork.stderr"), port)
+        except RuntimeError as e:
+            self.res["columns"]["virusgw-prefork"] = "not run: %s" % e
+            return
+        self.stack.callback(p.stop)
+        ok = proxy_ready("127.0.0.1", port)
+        if ok is not True:
+            self.res["columns"]["virusgw-prefork"] = "not run: %s" % ok
+            return
+        self.targets["virusgw-prefork"] = ("127.0.0.1", port)
+        self.res["columns"]["virusgw-prefork"] = (
+            "ok: bin/virusgw-smtpproxy forking per connection (scanlib/prefork.py), pid %d"
+            % p.p.pid)
 
     def columns(self):
         return [c for c in SMTP_COLUMNS if c in self.targets]
@@ -331,7 +355,7 @@ class Bench:
             who["virusgw-ftp"] = self.ftp_proxy
         names = list(who)
         per = {k: [] for k in names}
-        ratios = {"virusgw": [], "virusgw-ftp": []}
+        ratios = {"virusgw": [], "virusgw-ftp": [], "virusgw-prefork": []}
         for r in range(self.rounds):
             got = {}
             for k in names[r % len(names):] + names[:r % len(names)]:
@@ -345,7 +369,8 @@ class Bench:
                 if got.get(k) and got.get("floor"):
                     ratios[k].append(got[k] / got["floor"])
         self.res["rows"]["greeting_ms"] = {k: stats(v) for k, v in per.items()}
-        for k, label in (("virusgw", "SMTP"), ("virusgw-ftp", "FTP")):
+        for k, label in (("virusgw", "SMTP"), ("virusgw-ftp", "FTP"),
+                         ("virusgw-prefork", "SMTP prefork")):
             self.target("greeting %s <= 1.5x the Python floor" % label,
                         median(ratios[k]), 1.5, "x floor", lower=True)
 
@@ -353,7 +378,7 @@ class Bench:
         for key, clients in (("seq", 1), ("par20", 20)):
             log("%d small mails, one per connection, %d client(s)" % (self.n_small, clients))
             per = {c: [] for c in self.columns()}
-            ratios = []
+            ratios, ratios_pf = [], []
             detail = {c: [] for c in self.columns()}
             for r in range(self.rounds):
                 got = {}
@@ -372,11 +397,18 @@ class Bench:
                 best_peer = max([got[p] for p in ("clamsmtp", "amavis") if got.get(p)] or [0])
                 if got.get("virusgw") and best_peer:
                     ratios.append(got["virusgw"] / best_peer)
+                if got.get("virusgw-prefork") and best_peer:
+                    ratios_pf.append(got["virusgw-prefork"] / best_peer)
             self.res["rows"][key + "_msgs_per_s"] = {c: stats(v) for c, v in per.items()}
             self.res["rows"][key + "_detail"] = detail
             self.target("%d mails one per connection, %s: faster than the fastest peer" % (
                 self.n_small, "sequential" if clients == 1 else "20 clients"),
                 median(ratios), 1.0, "x fastest peer", lower=False, strict=True)
+            if "virusgw-prefork" in self.targets:
+                self.target("%d mails one per connection, %s, prefork mode: faster than the "
+                            "fastest peer" % (self.n_small,
+                                              "sequential" if clients == 1 else "20 clients"),
+                            median(ratios_pf), 1.0, "x fastest peer", lower=False, strict=True)
 
     def section_big(self):
         log("one 10 MiB mail with a base64 attachment")
@@ -735,8 +767,9 @@ def fmt(st, unit=""):
 
 def table(res):
     rows = res["rows"]
-    cols = ["virusgw", "clamsmtp", "amavis", "sink"]
-    head = ["load", "virusgw", "ClamSMTP", "amavisd-new", "straight to the sink"]
+    cols = ["virusgw", "virusgw-prefork", "clamsmtp", "amavis", "sink"]
+    head = ["load", "virusgw", "virusgw prefork", "ClamSMTP", "amavisd-new",
+            "straight to the sink"]
     out = []
 
     def add(label, row, unit="", extra=None):

@@ -264,7 +264,7 @@ def test_every_cli_command_and_option_is_in_virusgw8():
 def test_every_ftp_verb_is_in_the_ftpproxy_page():
     session = pytest.importorskip("ftpproxy.session")
     text = _plain(_read(os.path.join(MAN, "virusgw-ftpproxy.8")))
-    commands = text.split("\n.SS Commands\n", 1)[1].split("\n.SH ", 1)[0]
+    commands = re.split(r"\n\.S[SH] ", text.split("\n.SS Commands\n", 1)[1], 1)[0]
     missing = [v for v in sorted(session.COMMANDS)
                if not re.search(r"(?<![A-Z])%s(?![A-Z])" % v, commands)]
     assert missing == []

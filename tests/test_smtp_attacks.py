@@ -1191,3 +1191,24 @@ def test_hostile_envelope_text_cannot_forge_log_fields(tmp_path, clamd, sink):
     fields = dict(w.split("=", 1) for w in words)
     assert fields["action"] != "deliver" and "forged" in fields["from"]
     assert sink.messages == []
+
+
+@pytest.mark.parametrize("action", ["strip", "replace", "quarantine"])
+@pytest.mark.parametrize("name", ["yenc-text", "yenc-in-b64-rfc822", "uu-in-qp-rfc822"])
+def test_rewritten_mail_is_clean_encoded_forms(tmp_path, clamd, sink, action, name):
+    """The same for yEnc and for blocks inside an encoded message/rfc822."""
+    from scanlib.verdict import Clean
+    msg = {"yenc-text": mime(TEXT_PART, b"Content-Type: text/plain\r\n\r\nsee\r\n" + _yenc(EICAR)),
+           "yenc-in-b64-rfc822": _encoded_rfc822(b"Subject: y\r\n\r\nhi\r\n" + _yenc(EICAR)),
+           "uu-in-qp-rfc822": _encoded_rfc822(b"Subject: u\r\n\r\nhi\r\n" + _uu(EICAR),
+                                              b"quoted-printable")}[name]
+    with proxy(tmp_path, clamd, sink.upstream, "action = %s\n" % action) as hp:
+        reply = one_message(hp, msg)
+    if reply[0] != 250:
+        assert 500 <= reply[0] < 600 and sink.messages == [], reply
+    else:
+        content, status = stored(sink.messages[0][2])
+        verdict = _clamd_verdict(clamd, sink.messages[0][2], tmp_path)
+        assert isinstance(verdict, Clean), (verdict, content[:3000])
+        assert _yenc(EICAR).split(b"\r\n")[1] not in content
+    assert_spool_empty(tmp_path)

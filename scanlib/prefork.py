@@ -114,6 +114,7 @@ def _settings(ident, argv):
         level = conf["log"].get("level", "info")
         max_children = int((conf.get("prefork") or {}).get("max_children",
                                                             DEFAULT_MAX_CHILDREN))
+        _precreate(logfile, conf.get("user", ""))
     except Exception as e:          # ConfigError or anything: never a traceback
         problem = "; ".join(e.problems) if hasattr(e, "problems") else repr(e)
         logfile, level, max_children = "", "info", DEFAULT_MAX_CHILDREN
@@ -122,6 +123,27 @@ def _settings(ident, argv):
         log.error("prefork: configuration unusable (%s); max_children=%d; every "
                   "connection will be answered 421 until it is fixed", problem, max_children)
     return log, max(1, max_children)
+
+
+def _precreate(logfile, user):
+    """A root parent with `user` set must not create the log file as root:
+    its children, dropped to user, could no longer append to it.  Create it
+    as the child would have (0640, owned by user and its group)."""
+    if not logfile or not user or os.geteuid() != 0 or os.path.exists(logfile):
+        return
+    import pwd
+    try:
+        pw = pwd.getpwnam(user)
+        fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o640)
+    except (KeyError, OSError):
+        return                      # the children report what is wrong
+    try:
+        os.fchown(fd, pw.pw_uid, pw.pw_gid)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def preload(module_name):

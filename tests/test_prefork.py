@@ -44,8 +44,8 @@ class Parent:
     """A prefork parent started either way; .pid is the one process that
     must serve every connection, .port where it listens."""
 
-    def __init__(self, argv, mode):
-        self.argv, self.mode = argv, mode
+    def __init__(self, argv, mode, env=None):
+        self.argv, self.mode, self.extra_env = argv, mode, dict(env or {})
         self.port = free_port()
         self.proc = None
 
@@ -53,10 +53,12 @@ class Parent:
         env = dict(os.environ, PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", "/usr/bin"))
         env.pop("LISTEN_FDS", None)
         env.pop("LISTEN_PID", None)
+        env.update(self.extra_env)
+        passed = sum((["-E", "%s=%s" % kv] for kv in sorted(self.extra_env.items())), [])
         if self.mode == "systemd":
             bind = "127.0.0.1:%d" % self.port
             self.proc = subprocess.Popen(
-                [ACTIVATE, "-l", bind, "-E", "PATH=" + env["PATH"]] + self.argv,
+                [ACTIVATE, "-l", bind, "-E", "PATH=" + env["PATH"]] + passed + self.argv,
                 env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, start_new_session=True)
             # It execs the program in place at the first connection.
@@ -103,8 +105,8 @@ def _listening(port):
 
 
 @contextlib.contextmanager
-def parent(argv, mode):
-    p = Parent(argv, mode).start()
+def parent(argv, mode, env=None):
+    p = Parent(argv, mode, env).start()
     try:
         yield p
     finally:
@@ -232,6 +234,8 @@ def test_sigterm_stops_accepting_and_lets_the_session_finish(tmp_path, clamd, si
                 return False
             except ConnectionRefusedError:
                 return True
+            except OSError:                          # e.g. reset while it closed: ask again
+                return False
         wait_until(refused, timeout=15, what="the listener closed")
         assert p.proc.poll() is None                 # still waiting for our session
         d.send(b"DATA\r\n")
@@ -438,3 +442,34 @@ def test_inetd_wait_example_is_commented_out():
     wait = [l for l in text.splitlines() if "\twait\t" in l or " wait " in l.replace("\t", " ")]
     assert wait and all(l.startswith("#") for l in wait)
     assert any("virusgw-smtpproxy" in l for l in wait)
+
+
+# -- privileges: a root parent, children dropped as in the per-connection mode ---------
+
+from tests.test_privs import _assert_dropped, dropped_env, open_dir  # noqa: E402,F401 (fixtures)
+
+
+@pytest.mark.clamd
+def test_root_parent_children_drop_to_user(dropped_env, sink):
+    from tests.rig import procs
+    conf = dropped_env("[smtp]\nupstream = %s\nlocal_domains = example.net\n" % sink.upstream)
+    argv = launcher("virusgw-smtpproxy", conf)
+    log = os.path.join(dropped_env.dir, "log", "virusgw.log")
+    if os.path.exists(log):         # as after a log rotation: the root parent makes it anew
+        os.unlink(log)
+    with parent(argv, "inetd-wait", dropped_env.env) as p:
+        assert procs.status(p.proc.pid)["Uid"][0] == 0      # the parent keeps its rights
+        with socket.create_connection(("127.0.0.1", p.port), timeout=20) as s:
+            assert s.recv(512).startswith(b"220 ")
+            child, = wait_until(p.children, timeout=10, what="the child")
+            _assert_dropped(child, dropped_env)
+            s.sendall(b"QUIT\r\n")
+            assert s.recv(512).startswith(b"221 ")
+        assert send(p.port, CLEAN % (1, 1, 1)) == (250, "")
+        code, text = send(p.port, b"Subject: v\r\n\r\n" + EICAR + b"\r\n")
+        assert code == 554 and EICAR_NAME in text
+        wait_until(lambda: open(log).read().count("conn=end") == 3, timeout=10,
+                   what="three sessions logged by the dropped children")
+        assert os.stat(log).st_uid == dropped_env.uid
+        assert "prefork: pid %d serving" % p.proc.pid in open(log).read()
+    assert len(contents(sink)) == 1

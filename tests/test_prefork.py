@@ -473,3 +473,19 @@ def test_root_parent_children_drop_to_user(dropped_env, sink):
         assert os.stat(log).st_uid == dropped_env.uid
         assert "prefork: pid %d serving" % p.proc.pid in open(log).read()
     assert len(contents(sink)) == 1
+
+
+@pytest.mark.clamd
+def test_a_config_change_applies_to_the_next_connection(tmp_path, clamd, sink):
+    def greeting():
+        with socket.create_connection(("127.0.0.1", p.port), timeout=20) as s:
+            s.settimeout(20)
+            line = s.makefile("rb").readline()
+            s.sendall(b"QUIT\r\n")
+            return line
+    conf = smtp_conf(tmp_path, clamd, sink, "hostname = first.example\n")
+    with parent(launcher("virusgw-smtpproxy", conf), "systemd") as p:
+        assert greeting().startswith(b"220 first.example ")
+        smtp_conf(tmp_path, clamd, sink, "hostname = second.example.org\n")
+        assert greeting().startswith(b"220 second.example.org ")
+        assert p.serving()

@@ -7,7 +7,8 @@ VENV      ?= .venv
 VPY       := $(VENV)/bin/python
 # One inetd only: openbsd-inetd (xinetd conflicts with it).
 APT_PKGS  ?= python3-venv clamav-daemon clamdscan exim4-daemon-light swaks vsftpd \
-             lftp curl openbsd-inetd mandoc man-db systemd procps passwd
+             lftp curl openbsd-inetd mandoc man-db systemd procps passwd \
+             time openssl
 PYTEST_ARGS ?=
 # The unprivileged account the privilege-drop tests run the proxies as
 # (tests/test_privs.py, tests/test_inetd.py), and an extra group it belongs

@@ -107,12 +107,18 @@ def peer_of_stdin(environ=None):
     $TCPREMOTEIP/$TCPREMOTEPORT (tcpserver).  Address normalised to text;
     ('', 0) when nothing is known (run by hand)."""
     import os
-    import socket
+    import _socket      # the C module: the socket package (enum, selectors) costs ~3 ms
     env = os.environ if environ is None else environ
     try:
-        s = socket.socket(fileno=os.dup(0))
+        fd = os.dup(0)
     except OSError:
-        s = None
+        fd = -1
+    s = None
+    if fd >= 0:
+        try:
+            s = _socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
     if s is not None:
         try:
             peer = s.getpeername()

@@ -234,10 +234,12 @@ class Session:
         except BadAddress:
             return self._error(R.BAD_RCPT_PATH)
         why = relay_allowed(path, self.s.inside, self.s.local_domains)
+        # Relay denials count toward max_errors, as Postfix's
+        # smtpd_hard_error_limit does: a relay prober is cut off with 421.
         if why == "localpart":
-            return Send(R.LOCALPART_DENIED.wire())
+            return self._error(R.LOCALPART_DENIED)
         if why:
-            return Send(R.RELAY_DENIED.wire())
+            return self._error(R.RELAY_DENIED)
         if len(self.recipients) >= self.s.max_recipients:
             return Send(R.TOO_MANY_RCPTS.wire())
         self._cand = path

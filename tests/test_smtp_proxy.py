@@ -334,6 +334,19 @@ def test_relay_control_from_outside(tmp_path, clamd, sink):
     assert [c for c, _ in inside_replies][:8] == [250, 250, 250, 250, 250, 250, 250, 250]
 
 
+def test_relay_probing_ends_with_421_after_max_errors(tmp_path, clamd, sink):
+    """Relay denials count toward max_errors (Postfix's smtpd_hard_error_limit)."""
+    text = "max_errors = 3\n[networks]\ninside = 127.0.0.1/32\n"
+    with proxy(tmp_path, clamd, sink.upstream, text) as hp:
+        stream = (b"EHLO c.example\r\nMAIL FROM:<s@example.com>\r\n"
+                  b"RCPT TO:<a@example.org>\r\nRCPT TO:<b%example.org@example.net>\r\n"
+                  b"RCPT TO:<c@example.com>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
+        greeting, replies = raw_session(hp, stream, source="127.0.0.2")
+    assert [c for c, _ in replies] == [250, 250, 550, 550, 421]
+    assert "4.7.0" in replies[-1][1][0]
+    assert sink.messages == []
+
+
 def test_xforward_sent_when_offered(tmp_path, clamd):
     with Sink(xforward=True) as sink:
         with proxy(tmp_path, clamd, sink.upstream) as hp:

@@ -268,3 +268,22 @@ def test_recipient_limit():
     assert cmd(s, "RCPT TO:<r2@example.net>")[0].data.startswith(b"250")
     a, sent = cmd(s, "RCPT TO:<r3@example.net>")
     assert a.data.startswith(b"452 4.5.3") and sent == []
+
+
+def test_relay_denials_count_toward_max_errors():
+    """A relay prober is cut off like Postfix's smtpd_hard_error_limit:
+    each 550 5.7.1 is an error; the max_errors-th one is 421 and a close."""
+    s = ready(max_errors=3)
+    cmd(s, "MAIL FROM:<a@example.com>")
+    a, sent = cmd(s, "RCPT TO:<x@example.org>")
+    assert a.data.startswith(b"550 5.7.1") and not a.close and sent == []
+    a, _ = cmd(s, "RCPT TO:<x%y@example.net>")
+    assert a.data.startswith(b"550 5.7.1") and not a.close
+    a, _ = cmd(s, "RCPT TO:<x@example.org>")
+    assert a.data.startswith(b"421 4.7.0") and a.close
+    # from inside, the same recipients are relayed and no error is counted
+    s = ready(inside=True, max_errors=2)
+    cmd(s, "MAIL FROM:<a@example.com>")
+    for _ in range(3):
+        a, sent = cmd(s, "RCPT TO:<x@example.org>")
+        assert a.data.startswith(b"250") and sent == [b"RCPT TO:<x@example.org>\r\n"]

@@ -89,6 +89,14 @@ def stored(body):
     return lines[2], lines[1].decode()
 
 
+def clamd_version(clamd):
+    """What quarantine metadata must name: clamd's VERSION ('ClamAV x/db/date')."""
+    from scanlib.scanner import Scanner
+    v = Scanner(endpoints=clamd.endpoints).version()
+    assert v.startswith("ClamAV ")
+    return v
+
+
 CLEAN = (b"From: s@example.com\r\nTo: r@example.net\r\nSubject: clean\r\nMessage-ID: <c@x>\r\n\r\n"
          b"hello\r\n.leading dot\r\n\r\n")
 
@@ -211,6 +219,7 @@ def test_b23_quarantine_stays_inside(tmp_path, clamd, sink):
     for e in entries:
         meta = json.load(open(os.path.join(qdir, e, "meta.json")))
         assert meta["viruses"] == [EICAR_NAME] and meta["protocol"] == "smtp"
+        assert meta["scanner_version"] == clamd_version(clamd)
         assert sorted(os.listdir(os.path.join(qdir, e))) == ["content", "meta.json"]
         assert open(os.path.join(qdir, e, "content"), "rb").read() == EICAR
     assert not os.path.exists(probe) and not os.path.exists("/etc/cron.d/probe")
@@ -618,6 +627,7 @@ def test_on_malformed_quarantine_holds(tmp_path, clamd, sink):
     (entry,) = [e for e in os.listdir(qdir) if not e.startswith(".")]
     meta = json.load(open(os.path.join(qdir, entry, "meta.json")))
     assert meta["reason"] == "malformed" and meta["rule"] == "smtp.outbound.on_malformed=quarantine"
+    assert meta["scanner_version"] == clamd_version(clamd)
     assert open(os.path.join(qdir, entry, "content"), "rb").read() == harmless
 
 

@@ -11,6 +11,12 @@ DATA upstream with the (possibly rewritten) content, and the upstream's
 reply, with our finding, back to the client.  All of that after the final
 dot finishes within [smtp] deadline.
 
+X-Virus-Scanned and X-Virus-Status (add_headers) are prepended: they are
+the first lines of the delivered message, above everything the sender
+wrote.  A sender can put forged X-Virus-* headers in the message, and they
+are delivered below ours (clean mail goes out byte for byte, so nothing is
+removed): downstream filters must read the FIRST occurrence of each.
+
 The proxy never prints and never writes to stderr; it logs through
 scanlib.log: one summary line per message and one per connection.
 

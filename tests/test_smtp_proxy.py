@@ -310,6 +310,24 @@ def test_discard_and_pass(tmp_path, clamd, sink):
     assert content == v and EICAR_NAME in status and "passed" in status
 
 
+def test_forged_virus_headers_stay_below_ours(tmp_path, clamd, sink):
+    """A sender's own X-Virus-* headers are delivered (clean mail goes out
+    byte for byte) but ours are the first occurrence, which is the one
+    downstream filters must read."""
+    forged = (b"X-Virus-Status: Clean\r\nX-Virus-Scanned: virusgw on trusted.example\r\n"
+              b"Subject: v\r\n\r\n" + EICAR + b"\r\n")
+    with proxy(tmp_path, clamd, sink.upstream, "action = pass\n") as hp:
+        err, _ = send(hp, forged)
+    assert err is None
+    body = sink.messages[0][2]
+    content, status = stored(body)
+    assert content == forged and EICAR_NAME in status
+    msg = email.message_from_bytes(body, policy=email.policy.default)
+    assert msg.get_all("X-Virus-Status")[0].startswith("Infected (%s)" % EICAR_NAME)
+    assert msg.get_all("X-Virus-Status")[1] == "Clean"
+    assert msg["X-Virus-Scanned"] != "virusgw on trusted.example"
+
+
 def test_direction_overrides(tmp_path, clamd, sink):
     v = b"Subject: v\r\n\r\n" + EICAR + b"\r\n"
     text = ("action = reject\n[[outbound]]\naction = pass\n[networks]\ninside = 127.0.0.1/32\n")

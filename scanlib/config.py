@@ -222,6 +222,12 @@ def _bad(message):
     return ValidateError(message)
 
 
+def _check_words(value, *args, **kw):
+    """force_list without its trap: `key =` (an empty value) is an empty
+    list, not [''], and empty items of 'a, , b' are dropped."""
+    return [v.strip() for v in _as_list(value) if v and v.strip()]
+
+
 def _as_list(value):
     if value is None:
         return []
@@ -278,6 +284,7 @@ def _default_none(check):
 def _validator():
     from validate import Validator
     checks = dict(CHECKS)
+    checks["force_list"] = _check_words
     v = Validator(checks)
     # Overrides default to None: every check must let None through.
     for name, fn in list(v.functions.items()):

@@ -460,7 +460,7 @@ def delete(config_path, qids, yes):
               help="Delete entries older than AGE (30d, 12h, ...; default: [quarantine] max_age).")
 @click.option("--max-size", metavar="BYTES",
               help="Then delete the oldest until the content totals at most BYTES (K/M/G/T); "
-                   "default: 90%% of [quarantine] max_total_size (0: unlimited), 0: no size pass.")
+                   "default: 90% of [quarantine] max_total_size (0: unlimited), 0: no size pass.")
 @click.option("--dry-run", "-n", is_flag=True, help="Show what would be deleted.")
 @_errors
 def purge(config_path, older_than, max_size, dry_run):

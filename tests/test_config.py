@@ -372,3 +372,16 @@ def test_parse_duration(text, want):
 def test_parse_duration_rejects(text):
     with pytest.raises(ValueError):
         config.parse_duration(text)
+
+
+def test_empty_list_value_is_an_empty_list(tmp_path):
+    """`key =` for a list key is [] (configobj's force_list gives [''])."""
+    p = tmp_path / "v.conf"
+    p.write_text("[ftp]\nskip_extensions =\nallowed_upstreams = a.example, b.example\n"
+                 "site_allow = ,\n  [[inbound]]\n  skip_extensions = .txt\n")
+    conf = config.load(str(p), cache=False)
+    assert conf["ftp"]["skip_extensions"] == []
+    assert conf["ftp"]["allowed_upstreams"] == ["a.example", "b.example"]
+    assert conf["ftp"]["site_allow"] == []
+    assert conf.view("ftp", "inbound")["skip_extensions"] == [".txt"]
+    assert conf.view("ftp", "outbound")["skip_extensions"] == []

@@ -7,7 +7,8 @@ The proxies never create these as root at run time: they start as root
 and from then on can only use what this step prepared.
 
     [spool] directory       user:user's group   0700
-    [quarantine] directory  user:[quarantine] group (else user's group)  0750
+    [quarantine] directory  user:[quarantine] group   02750 (setgid)
+                            (no group: user's group    0750)
     /var/cache/virusgw      user:user's group   0700  (the validated-config cache)
     [log] file              user:user's group   0640  (created empty when missing)
 
@@ -16,6 +17,11 @@ that is a symlink or not a directory (not a regular file, for the log) is
 refused, never followed.  With `user` empty, the owner is whoever runs
 setup.  Setup also warns when the user could not reach a directory because
 a parent folder is closed to it.
+
+The quarantine directory is setgid when [quarantine] group is set, so that
+what the proxies create in it gets that group (and stays readable by the
+administrators) even when the proxies' user is not a member of it; the
+store (scanlib.quarantine) makes its directories the same way.
 
 What this module does not do: create the user or group (adduser does),
 write /etc/virusgw.conf, or touch anything else.
@@ -58,15 +64,16 @@ def plan(conf, cache_dir=None):
             qgid = grp.getgrnam(qgroup).gr_gid
         except KeyError:
             raise SetupError("[quarantine] group %r does not exist" % qgroup)
+        qmode = 0o2750
     else:
-        qgid = gid
+        qgid, qmode = gid, 0o750
     if cache_dir is None:
         from scanlib import config
         cache_dir = os.environ.get("VIRUSGW_CACHE_DIR",
                                    getattr(config, "DEFAULT_CACHE_DIR", CACHE_DIR))
     items = [
         ("spool", conf["spool"]["directory"], "dir", uid, gid, 0o700),
-        ("quarantine", conf["quarantine"]["directory"], "dir", uid, qgid, 0o750),
+        ("quarantine", conf["quarantine"]["directory"], "dir", uid, qgid, qmode),
     ]
     if cache_dir:
         items.append(("cache", cache_dir, "dir", uid, gid, 0o700))

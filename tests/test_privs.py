@@ -195,7 +195,7 @@ def test_setup_creates_directories_with_owners_and_modes(open_dir):
     r = _setup(["-c", conf], env={"VIRUSGW_CACHE_DIR": cache})
     assert r.exit_code == 0, r.output
     assert _mode_owner(open_dir + "/spool") == (0o700, TEST_USER, TEST_USER)
-    assert _mode_owner(open_dir + "/lib/quarantine") == (0o750, TEST_USER, TEST_GROUP2)
+    assert _mode_owner(open_dir + "/lib/quarantine") == (0o2750, TEST_USER, TEST_GROUP2)
     assert _mode_owner(open_dir + "/lib") == (0o755, "root", "root")
     assert _mode_owner(cache) == (0o700, TEST_USER, TEST_USER)
     assert _mode_owner(open_dir + "/log/virusgw.log") == (0o640, TEST_USER, TEST_USER)
@@ -215,6 +215,42 @@ def test_setup_fixes_owner_and_mode(open_dir):
     assert r.exit_code == 0, r.output
     assert "owner was root:root" in r.output and "mode was 0777" in r.output
     assert _mode_owner(open_dir + "/spool") == (0o700, TEST_USER, TEST_USER)
+
+
+def test_setup_quarantine_is_setgid_with_a_group_only(open_dir):
+    """With [quarantine] group the directory is 02750: what the proxies'
+    user creates in it gets that group even from a process that is not in
+    the group (the child below drops every supplementary group), so the
+    administrators can read it.  Without a group: plain 0750.  An existing
+    0750 directory is fixed."""
+    pw, g2 = _test_account()
+    os.makedirs(open_dir + "/lib/quarantine", mode=0o750)
+    os.chmod(open_dir + "/lib/quarantine", 0o750)
+    conf = _conf(open_dir, log=False)
+    r = _setup(["-c", conf], env={"VIRUSGW_CACHE_DIR": ""})
+    assert r.exit_code == 0, r.output
+    assert "mode was 0750" in r.output
+    quarantine = open_dir + "/lib/quarantine"
+    assert _mode_owner(quarantine) == (0o2750, TEST_USER, TEST_GROUP2)
+
+    def child():
+        os.setgroups([])
+        os.setgid(pw.pw_gid)
+        os.setuid(pw.pw_uid)
+        assert g2 not in os.getgroups() and os.getgid() != g2
+        os.mkdir(quarantine + "/entry", 0o750)
+        fd = os.open(quarantine + "/entry/content", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        os.close(fd)
+        return [os.stat(quarantine + p).st_gid for p in ("/entry", "/entry/content")]
+
+    assert in_child(child) == [g2, g2]
+
+    other = os.path.join(open_dir, "nogroup")
+    os.mkdir(other, 0o755)
+    conf = _conf(other, group="", log=False)
+    r = _setup(["-c", conf], env={"VIRUSGW_CACHE_DIR": ""})
+    assert r.exit_code == 0, r.output
+    assert _mode_owner(other + "/lib/quarantine") == (0o750, TEST_USER, TEST_USER)
 
 
 def test_setup_dry_run_changes_nothing(open_dir):

@@ -32,7 +32,8 @@ PAGES = ["virusgw.8", "virusgw-smtpproxy.8", "virusgw-ftpproxy.8", "virusgw.conf
 SECTIONS = ["NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "CONFIGURATION", "ENVIRONMENT",
             "FILES", "EXIT STATUS", "EXAMPLES", "SECURITY", "SEE ALSO"]
 UNITS = ["virusgw-smtpproxy.socket", "virusgw-smtpproxy@.service",
-         "virusgw-ftpproxy.socket", "virusgw-ftpproxy@.service"]
+         "virusgw-ftpproxy.socket", "virusgw-ftpproxy@.service",
+         "virusgw-smtpproxy-prefork.socket", "virusgw-smtpproxy-prefork.service"]
 
 
 def _read(path):

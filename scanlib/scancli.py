@@ -55,7 +55,7 @@ def scan(config_path, method, endpoints, timeout, as_json, files):
         click.echo(json.dumps(out, indent=1))
     else:
         for f, v in zip(files, verdicts):
-            click.echo(verdict_line(f, v, detail=True))
+            click.echo(verdict_line(f, v, detail=True, internal=True))
     if any(isinstance(v, Infected) for v in verdicts):
         sys.exit(ExitCode.INFECTED)
     if any(isinstance(v, Unscannable) for v in verdicts):

@@ -74,15 +74,19 @@ def _printable(text):
     return "".join(c if c.isprintable() else "?" for c in str(text))
 
 
-def verdict_line(name, verdict, detail=False):
+def verdict_line(name, verdict, detail=False, internal=False):
     """clamd-style result text: 'name: OK', 'name: A, B FOUND',
     'name: size-limit ERROR' (with detail: 'name: size-limit (why) ERROR').
     Control characters in name or detail become '?' (the line is echoed to
-    clients in SMTP/FTP replies)."""
+    clients in SMTP/FTP replies).  The why of an outage (unavailable) names
+    our clamd sockets and addresses: it is shown only with internal=True
+    (the administrator's CLI), never to a network client."""
     name = _printable(name)
     if isinstance(verdict, Infected):
         return "%s: %s FOUND" % (name, _printable(", ".join(verdict.names)))
     if isinstance(verdict, Unscannable):
+        if verdict.reason == UNAVAILABLE and not internal:
+            detail = False
         if detail and verdict.detail:
             return "%s: %s (%s) ERROR" % (name, verdict.reason, _printable(verdict.detail))
         return "%s: %s ERROR" % (name, verdict.reason)
@@ -398,10 +402,14 @@ class Scanner:
         """Verdict for one file (file object, descriptor or path).  Never
         raises."""
         try:
-            return self._scan(item)
+            v = self._scan(item)
         except Exception as e:          # the contract: a scan never raises
             _log().warning("scanner: internal error: %r", e)
             return Unscannable(UNAVAILABLE, "internal error: %s" % e.__class__.__name__)
+        if isinstance(v, Unscannable) and v.reason == UNAVAILABLE:
+            # Clients are told only "scanner unavailable"; the why is here.
+            _log().warning("scanner: unavailable: %s", v.detail or "-")
+        return v
 
     def scan_many(self, items):
         """Verdicts for several files, in order, scanned over up to

@@ -26,6 +26,10 @@ class Verdict:
     def _key(self):
         return ()
 
+    def describe(self):
+        """Text for logs (Unscannable adds its detail); str() is for clients."""
+        return str(self)
+
 
 class Clean(Verdict):
     __slots__ = ()
@@ -78,6 +82,16 @@ class Unscannable(Verdict):
         return "Unscannable(%r, %r)" % (self.reason, self.detail)
 
     def __str__(self):
+        # An outage's detail names internal sockets and addresses: it goes to
+        # the log (the scanner logs it), never into text a client sees.
+        if self.detail and self.reason != UNAVAILABLE:
+            return "unscannable (%s: %s)" % (self.reason, self.detail)
+        if self.reason == UNAVAILABLE:
+            return "scanner unavailable"
+        return "unscannable (%s)" % self.reason
+
+    def describe(self):
+        """The whole story, detail included: for logs, never for clients."""
         if self.detail:
             return "unscannable (%s: %s)" % (self.reason, self.detail)
         return "unscannable (%s)" % self.reason

@@ -88,7 +88,8 @@ class Message:
             direction=self.p.direction,
             **{"from": s.sender.mailbox if s.sender is not None else "-"},
             to=[r.mailbox for r in s.recipients], size=self.reader.size,
-            verdict=self.finding(), malformed=",".join(self.structure.malformed)
+            verdict=self.verdict.describe() if self.verdict is not None else "not scanned",
+            malformed=",".join(self.structure.malformed)
             if self.structure is not None and self.structure.malformed else "",
             action=action, qid=self.qids, upstream=upstream_reply,
             reply=reply.split(b"\r\n")[-2].decode("ascii", "replace") if reply else "",

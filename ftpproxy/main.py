@@ -1032,25 +1032,6 @@ class Proxy:
             result=self.result))
 
 
-def _args(argv):
-    path, debug = None, False
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if a == "-c" and i + 1 < len(argv):
-            path = argv[i + 1]
-            i += 2
-            continue
-        if a.startswith("-c") and len(a) > 2:
-            path = a[2:]
-        elif a == "-d":
-            debug = True
-        else:
-            raise ValueError("usage: virusgw-ftpproxy [-c FILE] [-d]")
-        i += 1
-    return path, debug
-
-
 def _quiet_stderr():
     """fd 2 to /dev/null at once: under inetd it is the client's socket.
     (scanlib.log.setup does the same, but importing it means importing
@@ -1073,8 +1054,9 @@ def _logger(conf, debug):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    from scanlib.config import proxy_args
     try:
-        path, debug = _args(argv)
+        path, debug = proxy_args(argv, IDENT)
     except ValueError:
         _quiet_stderr()
         os.write(1, reply(421, "Proxy misconfigured (bad arguments)"))

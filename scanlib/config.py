@@ -46,6 +46,28 @@ def find_path(path=None, environ=None):
     return env.get("VIRUSGW_CONF") or DEFAULT_PATH
 
 
+def proxy_args(argv, prog):
+    """The proxies' command line: [-c FILE] [-d] -> (config path or None,
+    debug).  Anything else raises ValueError with the usage line: an inetd
+    line with a typo must not run on some other configuration."""
+    path, debug = None, False
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "-c" and i + 1 < len(argv):
+            path = argv[i + 1]
+            i += 2
+            continue
+        if a.startswith("-c") and len(a) > 2:
+            path = a[2:]
+        elif a == "-d":
+            debug = True
+        else:
+            raise ValueError("usage: %s [-c FILE] [-d]" % prog)
+        i += 1
+    return path, debug
+
+
 # -- value checks used by the spec ------------------------------------------
 
 def parse_endpoint(text):

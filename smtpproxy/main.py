@@ -35,7 +35,7 @@ from smtpproxy import replies as R
 IDENT = "virusgw-smtpproxy"
 S = None                  # smtpproxy.session, imported after the greeting (Proxy)
 READ = 1 << 16
-EX_OK, EX_CONFIG, EX_TEMPFAIL = 0, 78, 75
+EX_OK, EX_USAGE, EX_CONFIG, EX_TEMPFAIL = 0, 64, 78, 75
 
 
 class ClientGone(Exception):
@@ -159,23 +159,6 @@ class Client:
             self.fill(timeout)
 
 
-def _parse_args(argv):
-    conf_path, debug = None, False
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if a == "-c" and i + 1 < len(argv):
-            conf_path = argv[i + 1]
-            i += 2
-            continue
-        if a.startswith("-c") and len(a) > 2:
-            conf_path = a[2:]
-        elif a == "-d":
-            debug = True
-        i += 1
-    return conf_path, debug
-
-
 def _nodelay(fd):
     """TCP_NODELAY on the client socket, if fd is a TCP socket.  Through
     _socket: the socket module's enum setup costs more than a greeting."""
@@ -267,11 +250,16 @@ def main(argv=None):
 
 def _main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    conf_path, debug = _parse_args(argv)
+    from scanlib import config as C
+    try:
+        conf_path, debug = C.proxy_args(argv, IDENT)
+    except ValueError:
+        _quiet_stderr()
+        _write_all(1, R.CONFIG_BROKEN.wire("virusgw"))
+        return EX_USAGE
     started = time.monotonic()
     if not debug:
         _quiet_stderr()
-    from scanlib import config as C
     try:
         conf = C.load(conf_path)
     except Exception as e:              # ConfigError, or anything else: never a traceback

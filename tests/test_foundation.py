@@ -569,3 +569,29 @@ def test_canonical_text_agrees_with_normalise(addr):
     if addr.version == 4:
         mapped = socket.inet_ntop(socket.AF_INET6, b"\0" * 10 + b"\xff\xff" + addr.packed)
         assert net.canonical_text(mapped) == str(addr)
+
+
+@pytest.mark.parametrize("name", ["virusgw-smtpproxy", "virusgw-ftpproxy"])
+@pytest.mark.parametrize("args", [["--config", "/nonexistent"], ["-x"], ["-c"], ["extra"]])
+def test_proxies_refuse_unknown_arguments(name, args, tmp_path):
+    """A typo in an inetd line gives one 421 line and exit 64; the proxy
+    never runs on some other configuration ($VIRUSGW_CONF points at a
+    valid one here)."""
+    good = tmp_path / "good.conf"
+    good.write_text("[log]\nfile = %s\n" % (tmp_path / "v.log"))
+    env = dict(os.environ, VIRUSGW_CONF=str(good), VIRUSGW_CACHE_DIR="")
+    r = subprocess.run([os.path.join(VENV_BIN, name)] + args, input=b"QUIT\r\n",
+                       capture_output=True, timeout=30, env=env)
+    assert r.returncode == 64
+    assert r.stdout.startswith(b"421 ") and r.stdout.count(b"\r\n") == 1
+    assert r.stderr == b""
+
+
+def test_proxy_args():
+    from scanlib.config import proxy_args
+    assert proxy_args([], "p") == (None, False)
+    assert proxy_args(["-c", "f", "-d"], "p") == ("f", True)
+    assert proxy_args(["-cf"], "p") == ("f", False)
+    for bad in (["-c"], ["--config", "f"], ["-d", "x"], ["-h"]):
+        with pytest.raises(ValueError, match=r"usage: p \[-c FILE\] \[-d\]"):
+            proxy_args(bad, "p")

@@ -437,10 +437,13 @@ def test_readme_links_every_page():
 @pytest.mark.parametrize("program,module", [("virusgw-smtpproxy", "smtpproxy"),
                                             ("virusgw-ftpproxy", "ftpproxy")])
 def test_proxy_options_are_the_documented_ones(program, module):
-    """The options the proxy's argument loop knows are those its page lists."""
-    source = _read(os.path.join(REPO, module, "main.py"))
+    """The options the proxies' argument loop (scanlib.config.proxy_args,
+    which main.py calls) knows are those the proxy's page lists."""
+    assert "proxy_args(" in _read(os.path.join(REPO, module, "main.py"))
+    source = _read(os.path.join(REPO, "scanlib", "config.py"))
+    source = source.split("def proxy_args(", 1)[1].split("\ndef ", 1)[0]
     known = set(re.findall(r'a == "(-[a-zA-Z])"', source))
-    assert known, "no option handling found in %s/main.py" % module
+    assert known, "no option handling found in scanlib.config.proxy_args"
     text = _read(os.path.join(MAN, program + ".8"))
     options = text.split("\n.SH OPTIONS\n", 1)[1].split("\n.SH ", 1)[0]
     documented = set(re.findall(r"(?m)^\.BI? \\(-[a-zA-Z])\b", options))

@@ -81,6 +81,13 @@ def _errors(fn):
             fail(codes.NOT_FOUND, str(e))
         except q.QuarantineError as e:
             fail(codes.TEMPFAIL, str(e))
+        except BrokenPipeError:
+            # The reader left (`list --json | head -1`): not an error of ours.
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+            except OSError:
+                pass
+            sys.exit(codes.OK)
         except OSError as e:
             fail(codes.TEMPFAIL, "%s%s" % (e.strerror or e, ": %s" % e.filename if e.filename else ""))
         except Exception as e:

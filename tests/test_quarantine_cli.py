@@ -451,3 +451,20 @@ def test_sql_filters_agree_with_the_python_filter(varied_store, state, protocol,
         want = want[:limit]
     assert got == want
     assert len(everything) == 40
+
+
+def test_list_into_a_closed_pipe_is_not_an_error(env):
+    """`virusgw quarantine list --json | head -1` under `set -o pipefail`:
+    the reader leaving early is no failure of ours (exit 0, nothing on
+    stderr)."""
+    conf, store = env
+    populate(store)
+    # populate() writes few entries: make the output outgrow the pipe buffer.
+    for _ in range(300):
+        store.add(io.BytesIO(b"x"), {"protocol": "ftp", "viruses": ["V"]})
+    p = subprocess.run(["bash", "-o", "pipefail", "-c",
+                        '"$0" quarantine list --json -c "$1" | head -c 1 >/dev/null; '
+                        'echo "${PIPESTATUS[0]}"', VIRUSGW, conf],
+                       capture_output=True, timeout=60)
+    assert p.stdout.strip() == b"0", p
+    assert p.stderr == b""

@@ -49,7 +49,34 @@ def main():
 def check_config(config_path):
     """Validate the configuration; print every problem (exit 78) or 'ok'."""
     conf = load_config(config_path)
+    problems = host_problems(conf)
+    for p in problems:
+        click.echo("virusgw: %s" % p, err=True)
+    if problems:
+        sys.exit(ExitCode.CONFIG)
     click.echo("%s: ok" % conf.path)
+
+
+def host_problems(conf):
+    """What the file cannot say by itself: the accounts it names exist on
+    this host (the proxies would answer 421 to every client otherwise)."""
+    import grp
+    import pwd
+    out = []
+    user = conf.get("user", "")
+    if user:
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            out.append("%s: top level, key 'user': no such user %r on this host" % (conf.path, user))
+    group = conf["quarantine"].get("group", "")
+    if group:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            out.append("%s: section [quarantine], key 'group': no such group %r on this host"
+                       % (conf.path, group))
+    return out
 
 
 def _register():

@@ -385,3 +385,17 @@ def test_empty_list_value_is_an_empty_list(tmp_path):
     assert conf["ftp"]["site_allow"] == []
     assert conf.view("ftp", "inbound")["skip_extensions"] == [".txt"]
     assert conf.view("ftp", "outbound")["skip_extensions"] == []
+
+
+def test_check_config_knows_unknown_accounts(tmp_path):
+    """A user or quarantine group missing on this host is a problem (78)."""
+    from click.testing import CliRunner
+    p = tmp_path / "v.conf"
+    p.write_text("user = nosuchuser-vgw\n[quarantine]\ngroup = nosuchgroup-vgw\n")
+    r = CliRunner().invoke(main, ["check-config", "-c", str(p)])
+    assert r.exit_code == 78
+    assert "key 'user': no such user 'nosuchuser-vgw'" in r.output
+    assert "key 'group': no such group 'nosuchgroup-vgw'" in r.output
+    p.write_text("user = root\n[quarantine]\ngroup = root\n")
+    r = CliRunner().invoke(main, ["check-config", "-c", str(p)])
+    assert r.exit_code == 0, r.output

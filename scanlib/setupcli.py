@@ -206,6 +206,12 @@ def setup(config_path, dry_run):
     with the owners and modes the configured user needs.  Run as root once
     after installing and after changing user, group or directories."""
     conf = load_config(config_path)
+    if not conf.get("user") and os.geteuid() == 0:
+        # The shipped inetd lines and units run the proxies as 'virusgw':
+        # root-owned directories would make them answer 451 to every message.
+        click.echo("virusgw setup: warning: 'user' is empty, so the directories will belong "
+                   "to root; set user = virusgw (the account the shipped inetd lines and "
+                   "units run the proxies as)", err=True)
     try:
         items = plan(conf)
     except SetupError as e:

@@ -466,3 +466,18 @@ def test_failed_drop_answers_421_and_nothing_else(dropped_env, program):
             data += chunk
         s.close()
     assert data.startswith(b"421") and data.count(b"\r\n") == 1, data
+
+
+def test_setup_warns_when_user_is_empty(open_dir):
+    """With user empty, setup (as root) says the directories go to root and
+    that the shipped units run the proxies as 'virusgw'."""
+    _test_account()
+    conf = os.path.join(open_dir, "empty-user.conf")
+    with open(conf, "w") as f:
+        f.write("[spool]\ndirectory = %s/spool\n[quarantine]\ndirectory = %s/q\n"
+                % (open_dir, open_dir))
+    r = _setup(["-c", conf, "--dry-run"], env={"VIRUSGW_CACHE_DIR": ""})
+    assert r.exit_code == 0
+    assert "'user' is empty" in r.output and "user = virusgw" in r.output
+    r = _setup(["-c", _conf(open_dir), "--dry-run"], env={"VIRUSGW_CACHE_DIR": ""})
+    assert "'user' is empty" not in r.output

@@ -389,9 +389,10 @@ class Session:
 
     def _offer(self):
         up = self.upstream_ext
-        out = {"PIPELINING": ""}
-        if "SIZE" in up:
-            out["SIZE"] = str(self.size_limit)
+        # SIZE always (RFC 1870): our limit, or the upstream's when it is
+        # lower and not 0 (size_limit); a client then learns the limit
+        # before sending instead of at the end of DATA.
+        out = {"PIPELINING": "", "SIZE": str(self.size_limit)}
         for k in ("8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "DSN"):
             if k in up:
                 out[k] = ""

@@ -59,11 +59,29 @@ def test_ehlo_offers_intersection_and_forwards_client():
     assert sent[1] == b"XFORWARD ADDR=192.0.2.7 PORT=4321 HELO=client.example.com PROTO=ESMTP\r\n"
 
 
-def test_ehlo_without_upstream_extensions_offers_only_pipelining():
+def test_ehlo_without_upstream_extensions_offers_pipelining_and_our_size():
     s = new()
     action, _ = cmd(s, "EHLO c.example", lambda k, c: (250, ["mx"]))
-    assert action.data == b"250-gw.example.org hello c.example\r\n250 PIPELINING\r\n"
-    assert cmd(s, "MAIL FROM:<a@b.example> SIZE=10")[0].data.startswith(b"555")
+    assert action.data == (b"250-gw.example.org hello c.example\r\n250-PIPELINING\r\n"
+                           b"250 SIZE 50000\r\n")
+    # SIZE= is checked against our limit but not passed to an upstream without SIZE.
+    a, sent = cmd(s, "MAIL FROM:<a@b.example> SIZE=10", lambda k, c: (250, ["ok"]))
+    assert a.data.startswith(b"250") and sent == [b"MAIL FROM:<a@b.example>\r\n"]
+    assert cmd(s, "RSET")[0].data.startswith(b"250")
+    assert cmd(s, "MAIL FROM:<a@b.example> SIZE=50001")[0].data.startswith(b"552 5.3.4")
+
+
+@pytest.mark.parametrize("upstream, offered", [
+    (None, "50000"), ("SIZE", "50000"), ("SIZE 0", "50000"), ("SIZE 1000000", "50000"),
+    ("SIZE 50000", "50000"), ("SIZE 1234", "1234"), ("SIZE junk", "50000"),
+])
+def test_ehlo_size_is_ours_or_the_lower_upstream_limit(upstream, offered):
+    s = new()
+    lines = ["mx"] + ([upstream] if upstream else [])
+    action, _ = cmd(s, "EHLO c.example", lambda k, c: (250, lines))
+    text = action.data.decode()
+    assert ("\r\n250 SIZE %s\r\n" % offered) in text or ("\r\n250-SIZE %s\r\n" % offered) in text
+    assert s.size_limit == int(offered)
 
 
 def test_upstream_refusing_ehlo_gets_helo():

@@ -322,3 +322,27 @@ def test_uuencode_inside_a_binary_leaf_and_message_global(spool):
                      + base64.encodebytes(b"Subject: g\r\n\r\n" + _yenc(EICAR)).replace(b"\n", b"\r\n"))
     st = split(spool, data)
     assert found(st) == ["1.1/uu1", "1.2.1/yenc1"] and not st.malformed
+
+
+def _re_cache_keys():
+    import re
+    # CPython's compiled-pattern cache (3.11: _cache; 3.12+: also _cache2).
+    return set(getattr(re, "_cache", {})) | set(getattr(re, "_cache2", {}))
+
+
+def test_prefork_parent_compiles_every_pattern_a_split_needs(spool):
+    """The warm forking parent (scanlib.prefork.preload) leaves every regex
+    mime.split compiles in re's cache, so a forked child compiles none."""
+    import re
+    from scanlib import prefork
+    re.purge()
+    prefork.preload("smtpproxy.main")
+    before = _re_cache_keys()
+    uu = b"begin 644 e.com\r\n" + binascii.b2a_uu(b"x" * 10).replace(b"\n", b"\r\n") + b"`\r\nend\r\n"
+    part = (b'Content-Type: text/plain; charset="us\\-ascii"; format=flowed\r\n\r\n'
+            + uu + b"=ybegin line=128 size=3 name=y.bin\r\nabc\r\n=yend size=3\r\n")
+    st = split(spool, multipart(part, TXT))
+    assert [p.index for p in st.portions] == ["1.1/uu1", "1.1/yenc2"] and not st.malformed
+    st = split(spool, multipart(part, ctype=b'Content-Type: multipart/mixed; boundary="b\\\\x"'))
+    assert "escaped character in a quoted boundary" in st.malformed
+    assert _re_cache_keys() - before == set()

@@ -18,7 +18,10 @@ are delivered below ours (clean mail goes out byte for byte, so nothing is
 removed): downstream filters must read the FIRST occurrence of each.
 
 The proxy never prints and never writes to stderr; it logs through
-scanlib.log: one summary line per message and one per connection.
+scanlib.log: one summary line per message and one per connection; at
+[log] level = debug (or -d) also the dialogue (C> client lines, S> our
+replies, P> commands to the upstream, U< its replies; escaped; never the
+message content, nor AUTH's arguments; see Proxy.show_line).
 
 What this module does not do: parse SMTP (session.py), read DATA
 (datareader.py), split MIME (mime.py), rewrite (rewrite.py), decide
@@ -55,6 +58,7 @@ class Client:
         self.buf = b""
         self.out = []
         self.tls = None             # the ssl socket once STARTTLS is done
+        self.trace = None           # a logger when the dialogue is logged (debug)
 
     def start_tls(self, context, timeout):
         """Server-side TLS handshake on the client socket (fd 0)."""
@@ -65,6 +69,11 @@ class Client:
         return self.tls.version()
 
     def queue(self, data):
+        """Queue reply bytes (only replies: the client never gets anything else)."""
+        if self.trace is not None:
+            for line in data.split(b"\n"):
+                if line:
+                    self.trace.debug("S> %s", R.shown(line))
         self.out.append(data)
 
     def flush(self):
@@ -291,6 +300,8 @@ def _main(argv=None):
         peer = _peer()
     from scanlib import log as L
     log = L.setup(IDENT, conf["log"]["file"], debug, conf["log"].get("level", "info"))
+    if log.isEnabledFor(L.DEBUG):
+        log.debug("S> %s", R.shown(R.GREETING.wire(hostname)))
     proxy = None
     try:
         proxy = Proxy(conf, log, peer, debug)
@@ -323,6 +334,7 @@ def _write_all(fd, data):
 class Proxy:
     def __init__(self, conf, log, peer, debug=False):
         from scanlib import net
+        from scanlib import log as L
         global S
         from smtpproxy import session as S
         self.conf, self.log, self.debug = conf, log, debug
@@ -334,6 +346,12 @@ class Proxy:
         self.peer_text = "%s:%d" % (self.addr, self.port) if self.addr else "unknown"
         self.hostname = _hostname(self.view)
         self.client = Client()
+        # The dialogue in the log ([log] level = debug, or -d): C> client
+        # lines, S> our replies, P> what we send upstream, U< its replies.
+        # Decided once: nothing is formatted above debug.
+        self.trace = log if log.isEnabledFor(L.DEBUG) else None
+        self.client.trace = self.trace
+        self.hide_body = False      # after a DATA we did not answer 354 (see show_line)
         self.upstream = None
         self.spool = None
         self.messages = self.delivered = self.blocked = 0
@@ -353,7 +371,14 @@ class Proxy:
         try:
             while True:
                 line = c.line(timeout, S.MAX_LINE)
+                if self.trace is not None:
+                    self.show_line(line)
                 action = sess.too_long() if line is None else sess.line(line)
+                if self.trace is not None and line is not None and not self.hide_body \
+                        and line[:4].upper() == b"DATA" and isinstance(action, S.Send):
+                    # Refused: a pipelining client sends the content anyway, and
+                    # it arrives here as "commands".  Never logged.
+                    self.hide_body = True
                 if not self.execute(action):
                     break
         except ClientTimeout:
@@ -366,6 +391,31 @@ class Proxy:
         except ClientGone:
             pass
         return EX_OK
+
+    def show_line(self, line):
+        """Log one client line (C>): AUTH as its verb only (credentials may
+        follow it on the line).  After a refused DATA, up to a line ".",
+        the lines are the message content a pipelining client sent anyway:
+        neither they nor what they cause (S>, P>, U<: replies and relayed
+        commands can echo them) are logged, only their sizes."""
+        if self.hide_body:
+            self.client.trace = None
+            if self.upstream is not None:
+                self.upstream.trace = None
+            if line is not None and line.rstrip(b"\r\n") == b".":
+                self.hide_body = False
+            self.trace.debug("C> (%d bytes after a refused DATA, not shown, nor the replies)",
+                             len(line) if line is not None else S.MAX_LINE)
+            return
+        self.client.trace = self.trace
+        if self.upstream is not None:
+            self.upstream.trace = self.trace
+        if line is None:
+            self.trace.debug("C> (line over %d bytes, not shown)", S.MAX_LINE)
+        elif line[:4].upper() == b"AUTH" and line[4:5] in (b" ", b"\r", b"\n", b""):
+            self.trace.debug("C> AUTH (arguments not shown)")
+        else:
+            self.trace.debug("C> %s", R.shown(line))
 
     def execute(self, action):
         """Carry out one action; False when the connection ends."""
@@ -437,6 +487,7 @@ class Proxy:
         from smtpproxy.upstream import Upstream, UpstreamError
         self.upstream = Upstream(self.view["upstream"], self.addr, self.port,
                                  timeout=self.view["timeout"])
+        self.upstream.trace = None if self.hide_body else self.trace
         try:
             self.upstream.start()
         except UpstreamError as e:
@@ -470,6 +521,7 @@ class Proxy:
             self.log.error("cannot create a spool file in %s: %s",
                            self.conf["spool"]["directory"], e)
             c.queue(R.LOCAL_ERROR.wire())
+            self.hide_body = self.trace is not None
             return self.abort_transaction()
         c.queue(R.START_DATA.wire())
         reader = DataReader(body, max_size=sess.size_limit,

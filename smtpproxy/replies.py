@@ -17,6 +17,22 @@ def _clean(text):
     return out[:MAX_TEXT]
 
 
+MAX_SHOWN = 512        # bytes of one dialogue line in the debug log
+
+
+def shown(data):
+    """A dialogue line (bytes or str) for the debug log: the line end
+    dropped, printable ASCII kept, backslash and every other byte as \\xNN
+    (hostile bytes never reach the log raw), at most MAX_SHOWN bytes."""
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogateescape")
+    data = data.rstrip(b"\r\n")
+    cut = len(data) > MAX_SHOWN
+    text = "".join(chr(b) if 32 <= b <= 126 and b != 92 else "\\x%02x" % b
+                   for b in data[:MAX_SHOWN])
+    return text + "..." if cut else text
+
+
 def reply(code, lines):
     """bytes for one reply: code (int) and text lines (str or list)."""
     if isinstance(lines, (str, bytes)):

@@ -51,6 +51,7 @@ class Upstream:
         self.last = time.monotonic()
         self.greeting = None
         self.alive = False
+        self.trace = None           # a logger when the dialogue is logged (debug)
 
     # -- start and stop --------------------------------------------------------
     def start(self):
@@ -64,7 +65,7 @@ class Upstream:
         except OSError as e:
             raise UpstreamError("cannot start %s: %s" % (self.spec, e))
         self.alive = True
-        code, lines = self.reply(self.connect_timeout + self.timeout)
+        code, lines = self._traced(self.reply(self.connect_timeout + self.timeout))
         self.greeting = (code, lines)
         if code != 220:
             self.close()
@@ -112,6 +113,8 @@ class Upstream:
     def quit(self):
         """QUIT without waiting for the answer, then close."""
         if self.alive:
+            if self.trace is not None:
+                self._trace_command(b"QUIT")
             try:
                 os.write(self.wfd, b"QUIT\r\n")
             except OSError:
@@ -212,8 +215,24 @@ class Upstream:
             return
 
     def command(self, data, timeout=None):
+        if self.trace is not None:
+            self._trace_command(data)
         self.send(data)
-        return self.reply(timeout)
+        return self._traced(self.reply(timeout))
+
+    def _trace_command(self, data):
+        from smtpproxy.replies import shown
+        self.trace.debug("P> %s", shown(data))
+
+    def _traced(self, result):
+        """Log the reply (code, lines) as U< lines when tracing; returns it."""
+        if self.trace is not None:
+            from smtpproxy.replies import shown
+            code, lines = result
+            for i, text in enumerate(lines):
+                self.trace.debug("U< %03d%s%s", code, "-" if i < len(lines) - 1 else " ",
+                                 shown(text))
+        return result
 
     def keepalive(self, interval):
         """NOOP a TCP upstream that has been idle for interval seconds (so
@@ -225,8 +244,10 @@ class Upstream:
         """DATA with head (bytes, prepended headers) and the unstuffed
         content of file f, dot-stuffed on the way; the final reply."""
         from smtpproxy.datareader import stuff
+        if self.trace is not None:
+            self._trace_command(b"DATA")
         self.send(b"DATA\r\n", deadline)
-        code, lines = self.reply(deadline=deadline)
+        code, lines = self._traced(self.reply(deadline=deadline))
         if code != 354:
             return code, lines
         self.send(stuff(head), deadline)
@@ -248,4 +269,8 @@ class Upstream:
             # rewritten part could end so): complete it.
             self.send(stuff(carry + b"\r\n"), deadline)
         self.send(b".\r\n", deadline)
-        return self.reply(deadline=deadline)
+        if self.trace is not None:          # the content itself is never logged
+            self.trace.debug("P> (message content, %d bytes of headers added, not shown)",
+                             len(head))
+            self._trace_command(b".")
+        return self._traced(self.reply(deadline=deadline))

@@ -743,3 +743,43 @@ def test_invalid_utf8_path_under_smtputf8_refused(tmp_path, clamd, sink):
                                         b"RCPT TO:<r\xed\xa0\x80@example.net>\r\n"
                                         b"RCPT TO:<r\xc3\xbc@example.net>\r\nQUIT\r\n")
     assert [c for c, _ in replies] == [250, 501, 250, 501, 250, 221]
+
+
+# -- the dialogue in the debug log ----------------------------------------------------
+
+def test_debug_log_shows_dialogue_but_never_content_or_credentials(tmp_path, clamd, sink):
+    """[log] level = debug (write_config's default): C>/S>/P>/U< lines,
+    hostile bytes escaped, AUTH as its verb only, no message content (nor
+    the content a client pipelines behind a refused DATA)."""
+    secret = b"Q29udGVudFNlY3JldA"
+    stream = (b"EHLO client.example.com\r\n"
+              b"AUTH PLAIN AGFsaWNlAHMzY3IzdA==\r\n"
+              b"NOOP \x1b[31m\xff\\x\r\n"
+              b"DATA\r\n" + secret + b"-refused\r\nMAIL FROM:<no@x>\r\n.\r\nRSET\r\n"
+              b"MAIL FROM:<s@example.com>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n"
+              b"Subject: t\r\n\r\n" + secret + b"-delivered\r\n.\r\nQUIT\r\n")
+    with proxy(tmp_path, clamd, sink.upstream) as hp:
+        _, replies = raw_session(hp, stream)
+        log = log_text(tmp_path)
+    assert [r[0] for r in replies][-3:] == [354, 250, 221]
+    assert len(sink.messages) == 1
+    for want in ("S> 220 ", "C> EHLO client.example.com", "S> 250-", "P> EHLO client.example.com",
+                 "U< 250", "C> AUTH (arguments not shown)", "S> 502 ",
+                 "C> NOOP \\x1b[31m\\xff\\x5cx", "P> MAIL FROM:<s@example.com>",
+                 "P> RCPT TO:<r@example.net>", "P> DATA", "U< 354", "P> .", "S> 354 ",
+                 "C> QUIT", "S> 221 ", "bytes after a refused DATA, not shown", "C> RSET"):
+        assert want in log, want
+    assert "AGFsaWNl" not in log and "\x1b" not in log and "no@x" not in log
+    assert secret.decode() not in log
+    assert "C> RCPT TO:<r@example.net>" in log      # logging resumes after the dot
+    assert "to=r@example.net" in log and "from=s@example.com" in log
+
+
+def test_dialogue_not_logged_above_debug(tmp_path, clamd, sink):
+    logfile = os.path.join(str(tmp_path), "virusgw.log")
+    with proxy(tmp_path, clamd, sink.upstream, "[log]\nfile = %s\nlevel = info\n" % logfile) as hp:
+        err, _ = send(hp, CLEAN)
+        log = log_text(tmp_path)
+    assert err is None and "verdict=clean" in log
+    for mark in ("C> ", "S> ", "P> ", "U< ", "DEBUG"):
+        assert mark not in log, mark

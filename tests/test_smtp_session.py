@@ -305,3 +305,16 @@ def test_relay_denials_count_toward_max_errors():
     for _ in range(3):
         a, sent = cmd(s, "RCPT TO:<x@example.org>")
         assert a.data.startswith(b"250") and sent == [b"RCPT TO:<x@example.org>\r\n"]
+
+
+@given(st.binary(max_size=2000))
+def test_shown_dialogue_lines_are_printable_and_bounded(data):
+    import re
+    from smtpproxy.replies import MAX_SHOWN, shown
+    out = shown(data + b"\r\n")
+    assert all(" " <= c <= "~" for c in out)
+    assert re.fullmatch(r"(?:[ -\[\]-~]|\\x[0-9a-f]{2})*(?:\.\.\.)?", out)
+    assert len(out) <= 4 * MAX_SHOWN + 3
+    plain = data.rstrip(b"\r\n")
+    if len(plain) <= MAX_SHOWN and all(32 <= b <= 126 and b != 92 for b in plain):
+        assert out == plain.decode("ascii")

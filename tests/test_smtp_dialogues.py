@@ -33,9 +33,9 @@ DIALOGUES = {
         C: EHLO client.example.com
         S: 250
         C: RCPT TO:<r@example.net>
-        S: 503 5.5.1 need MAIL before RCPT
+        S: 503 5.5.1 need MAIL first
         C: DATA
-        S: 503 5.5.1 need MAIL before RCPT
+        S: 503 5.5.1 need MAIL first
         C: MAIL FROM:<a@example.com>
         S: 250
         C: MAIL FROM:<a@example.com>

@@ -1087,19 +1087,15 @@ def main(argv=None):
             _logger(conf, debug).error("upstream: %s", e)
             _send_quietly(ctl, reply(421, "Service not available: cannot start the FTP server"))
             return 69
+    from scanlib import privs
     try:
-        from scanlib import privs
-    except ImportError:
-        privs = None
-    if privs is not None:
-        try:
-            privs.drop(conf.get("user", ""))
-        except privs.PrivilegeError as e:
-            _logger(conf, debug).error("privileges: %s", e)
-            _send_quietly(ctl, reply(421, "Service not available"))
-            if up is not None:
-                up.close()
-            return 77
+        privs.drop(conf.get("user", ""))
+    except privs.PrivilegeError as e:
+        _logger(conf, debug).error("privileges: %s", e)
+        _send_quietly(ctl, reply(421, "Service not available"))
+        if up is not None:
+            up.close()
+        return 77
     # Greet first: logging and everything heavier is imported after the 220.
     hostname = ftp.get("hostname") or ""
     if not _send_quietly(ctl, reply(220, "%svirusgw FTP proxy ready%s" % (

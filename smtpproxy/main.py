@@ -278,19 +278,15 @@ def _main(argv=None):
         L.LOG.error("configuration unusable, answering 421: %s", problems)
         _write_all(1, R.CONFIG_BROKEN.wire("virusgw"))
         return EX_CONFIG
+    from scanlib import privs
     try:
-        from scanlib import privs
-    except ImportError:
-        privs = None
-    if privs is not None:
-        try:
-            privs.drop(conf.get("user", ""))
-        except privs.PrivilegeError as e:
-            from scanlib import log as L
-            L.setup(IDENT, conf["log"]["file"], debug)
-            L.LOG.error("privilege drop failed, answering 421: %s", e)
-            _write_all(1, R.CONFIG_BROKEN.wire("virusgw"))
-            return EX_CONFIG
+        privs.drop(conf.get("user", ""))
+    except privs.PrivilegeError as e:
+        from scanlib import log as L
+        L.setup(IDENT, conf["log"]["file"], debug)
+        L.LOG.error("privilege drop failed, answering 421: %s", e)
+        _write_all(1, R.CONFIG_BROKEN.wire("virusgw"))
+        return EX_CONFIG
     _nodelay(0)
     hostname, peer = _greeting_name(conf)
     # The greeting goes out now; the peer, logging and the session are set

@@ -78,6 +78,7 @@ install:
 	test -x $(PREFIX)/bin/python || $(PYTHON) -m venv $(PREFIX)
 	$(PREFIX)/bin/python -m pip install -q --upgrade "setuptools>=64" pip
 	$(PREFIX)/bin/python -m pip install -q .
+	rm -rf build virusgw.egg-info
 	install -d $(BINDIR) $(MANDIR)/man5 $(MANDIR)/man8
 	for p in virusgw virusgw-smtpproxy virusgw-ftpproxy; do \
 	  ln -sf $(PREFIX)/bin/$$p $(BINDIR)/$$p; done

@@ -78,9 +78,13 @@ stdout or stderr except protocol replies on the control connection.
 """
 
 import os
-import socket
 import sys
 import time
+
+# The C module, not the socket package: importing that (enum, selectors)
+# costs ~5 ms before the greeting.  Data connections (ftpproxy.data) use the
+# full package after it.
+import _socket
 
 from ftpproxy import session as S
 from ftpproxy.replies import reply
@@ -111,7 +115,7 @@ class Control:
             fd = -1
         if fd >= 0:
             try:
-                s = socket.socket(fileno=fd)
+                s = _socket.socket(fileno=fd)
             except OSError:
                 os.close(fd)
             else:
@@ -121,8 +125,8 @@ class Control:
                 except OSError:
                     s.close()
         if self.sock is not None:
-            for level, opt in ((socket.IPPROTO_TCP, socket.TCP_NODELAY),
-                               (socket.SOL_SOCKET, socket.SO_OOBINLINE)):
+            for level, opt in ((_socket.IPPROTO_TCP, _socket.TCP_NODELAY),
+                               (_socket.SOL_SOCKET, _socket.SO_OOBINLINE)):
                 try:
                     self.sock.setsockopt(level, opt, 1)
                 except OSError:
@@ -243,7 +247,7 @@ class Proxy:
         self.inside = net.Networks(conf["networks"]["inside"])
         self.client, self.client_port = net.peer_of_stdin()
         self.local = None
-        self.family = socket.AF_INET
+        self.family = _socket.AF_INET
         if ctl.sock is not None:
             self.local = ctl.sock.getsockname()[0]
             self.family = ctl.sock.family

@@ -87,6 +87,7 @@ import time
 import _socket
 
 from ftpproxy import session as S
+from scanlib.log import quiet_stderr
 from ftpproxy.replies import reply
 
 IDENT = "virusgw-ftpproxy"
@@ -1036,19 +1037,6 @@ class Proxy:
             result=self.result))
 
 
-def _quiet_stderr():
-    """fd 2 to /dev/null at once: under inetd it is the client's socket.
-    (scanlib.log.setup does the same, but importing it means importing
-    logging, which is left until after the greeting.)"""
-    try:
-        fd = os.open(os.devnull, os.O_WRONLY)
-        if fd != 2:
-            os.dup2(fd, 2)
-            os.close(fd)
-    except OSError:
-        pass
-
-
 def _logger(conf, debug):
     from scanlib import log as vlog
     if conf is None:
@@ -1062,11 +1050,11 @@ def main(argv=None):
     try:
         path, debug = proxy_args(argv, IDENT)
     except ValueError:
-        _quiet_stderr()
+        quiet_stderr()
         os.write(1, reply(421, "Proxy misconfigured (bad arguments)"))
         return 64
     if not debug:
-        _quiet_stderr()
+        quiet_stderr()
     ctl = Control()
     from scanlib import config
     try:

@@ -85,9 +85,9 @@ class Logger:
                 line = ("%s,%03d %s[%d]: %s %s\n" % (stamp, int(now % 1 * 1000), self.ident,
                                                    self.pid, name, msg)).encode("utf-8", "backslashreplace")
                 for fd in self.fds:
-                    _write_all(fd, line)
+                    write_all(fd, line)
                 if self.stderr:
-                    _write_all(2, line)
+                    write_all(2, line)
             if self.syslog is not None:
                 pri = _FACILITY_MAIL * 8 + _SEVERITY.get(level, 6)
                 for part in msg.split("\n"):
@@ -111,7 +111,8 @@ class Logger:
             self.syslog = None
 
 
-def _write_all(fd, data):
+def write_all(fd, data):
+    """Write all of data to fd; an error (the peer left) is dropped."""
     try:
         while data:
             n = os.write(fd, data)

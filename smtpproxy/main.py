@@ -33,6 +33,7 @@ import select
 import sys
 import time
 
+from scanlib.log import quiet_stderr, write_all
 from smtpproxy import replies as R
 
 IDENT = "virusgw-smtpproxy"
@@ -191,19 +192,6 @@ def _hostname(view):
     return os.uname().nodename or "localhost"
 
 
-def _quiet_stderr():
-    """fd 2 to /dev/null: under inetd it is the client's socket.  (Done
-    here, before scanlib.log is imported: logging is the heaviest import
-    and the greeting does not wait for it.)"""
-    try:
-        fd = os.open(os.devnull, os.O_WRONLY)
-        if fd != 2:
-            os.dup2(fd, 2)
-            os.close(fd)
-    except OSError:
-        pass
-
-
 def _greeting_name(conf):
     """The hostname for the greeting and the peer if it had to be found
     first: [smtp] hostname, or the direction's override when one is written
@@ -263,12 +251,12 @@ def _main(argv=None):
     try:
         conf_path, debug = C.proxy_args(argv, IDENT)
     except ValueError:
-        _quiet_stderr()
-        _write_all(1, R.CONFIG_BROKEN.wire("virusgw"))
+        quiet_stderr()
+        write_all(1, R.CONFIG_BROKEN.wire("virusgw"))
         return EX_USAGE
     started = time.monotonic()
     if not debug:
-        _quiet_stderr()
+        quiet_stderr()
     try:
         conf = C.load(conf_path)
     except Exception as e:              # ConfigError, or anything else: never a traceback
@@ -276,7 +264,7 @@ def _main(argv=None):
         L.setup(IDENT, _fallback_logfile(C.find_path(conf_path)), debug)
         problems = "; ".join(e.problems) if isinstance(e, C.ConfigError) else repr(e)
         L.LOG.error("configuration unusable, answering 421: %s", problems)
-        _write_all(1, R.CONFIG_BROKEN.wire("virusgw"))
+        write_all(1, R.CONFIG_BROKEN.wire("virusgw"))
         return EX_CONFIG
     from scanlib import privs
     try:
@@ -285,13 +273,13 @@ def _main(argv=None):
         from scanlib import log as L
         L.setup(IDENT, conf["log"]["file"], debug)
         L.LOG.error("privilege drop failed, answering 421: %s", e)
-        _write_all(1, R.CONFIG_BROKEN.wire("virusgw"))
+        write_all(1, R.CONFIG_BROKEN.wire("virusgw"))
         return EX_CONFIG
     _nodelay(0)
     hostname, peer = _greeting_name(conf)
     # The greeting goes out now; the peer, logging and the session are set
     # up while the client reads it.
-    _write_all(1, R.GREETING.wire(hostname))
+    write_all(1, R.GREETING.wire(hostname))
     if peer is None:
         peer = _peer()
     from scanlib import log as L
@@ -306,7 +294,7 @@ def _main(argv=None):
         log.exception("internal error: %r", e)
         if proxy is not None:
             proxy.client.out = []
-        _write_all(1, R.LOCAL_ERROR.wire())
+        write_all(1, R.LOCAL_ERROR.wire())
         return EX_TEMPFAIL
     finally:
         if proxy is not None:
@@ -316,15 +304,6 @@ def _main(argv=None):
                                blocked=proxy.blocked, tls=proxy.tls_version or "no",
                                reason=proxy.end_reason,
                                secs="%.3f" % (time.monotonic() - started)))
-
-
-def _write_all(fd, data):
-    try:
-        while data:
-            n = os.write(fd, data)
-            data = data[n:]
-    except OSError:
-        pass
 
 
 class Proxy:
